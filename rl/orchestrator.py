@@ -108,7 +108,7 @@ class Orchestrator:
     def _new_worker(self, index: int):
         cfg = self.cfg
         env_cfgs = {name: dict(sec.config) for name, sec in cfg.envs.items()}
-        actor = ray.remote(num_cpus=1)(RolloutWorker)
+        actor = ray.remote(num_cpus=1, num_gpus=cfg.rollout.gpus)(RolloutWorker)
         return actor.remote(
             cfg.model, env_cfgs, cfg.rollout, index, deterministic=cfg.mode == "sync"
         )

@@ -41,13 +41,36 @@ class RolloutConfig:
     max_batch: int = 64  # requests per engine call
     reasoning: bool = False  # CWM's <think> format
     threads: int = 1  # torch threads of each worker process
+    gpus: float = 0.0  # GPUs per worker (Ray resource); vllm needs >= tensor_parallel_size
+    tensor_parallel_size: int = 1  # vllm: GPUs one engine shards the model over
 
     def __post_init__(self) -> None:
         if self.engine not in ("native", "vllm"):
             raise ValueError(f"rollout.engine must be native or vllm, got {self.engine!r}")
-        for key in ("num_workers", "max_new_tokens", "max_turns", "max_context", "max_batch"):
+        for key in (
+            "num_workers",
+            "max_new_tokens",
+            "max_turns",
+            "max_context",
+            "max_batch",
+            "tensor_parallel_size",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        if self.gpus < 0:
+            raise ValueError(f"rollout.gpus must be >= 0, got {self.gpus}")
+        if self.tensor_parallel_size > 1:
+            if self.engine != "vllm":
+                raise ValueError(
+                    f"rollout.tensor_parallel_size={self.tensor_parallel_size} needs "
+                    f"rollout.engine=vllm (the native engine runs on one device)"
+                )
+            if self.gpus < self.tensor_parallel_size:
+                raise ValueError(
+                    f"rollout.tensor_parallel_size={self.tensor_parallel_size} needs as many "
+                    f"GPUs per worker: set rollout.gpus >= {self.tensor_parallel_size} "
+                    f"(got {self.gpus})"
+                )
 
 
 class Batcher:

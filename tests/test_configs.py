@@ -34,4 +34,5 @@ def test_cwm_multitask_is_cwm_s_recipe(tmp_path, monkeypatch):
     assert cfg.mode == "async" and cfg.max_lag >= 1 and cfg.rollout.engine == "vllm"
     assert set(cfg.envs) == {"math", "code", "swe"} and cfg.num_learners > 1
     assert cfg.rollout.max_turns >= 64  # agentic SWE episodes
+    assert cfg.rollout.gpus >= cfg.rollout.tensor_parallel_size > 1  # 32B over several GPUs
     assert cfg.model.path == str(tmp_path / "cwm")

@@ -67,12 +67,17 @@ def test_async_mode_bounds_staleness(ray_local, tmp_path):
         ("envs.math.config.difficulty=x", "difficulty"),
         ("envs.reverse.config.min_len=0", "min_len"),
         ("group_size=1", "group_size"),
+        ("rollout.tensor_parallel_size=0", "tensor_parallel_size"),
+        ("rollout.tensor_parallel_size=2", "rollout.engine=vllm"),  # native engine
+        ("rollout.gpus=-1", "rollout.gpus"),
     ],
 )
 def test_bad_config_is_named_before_anything_starts(override, message):
     from envs.base import ConfigError
 
     extra = ["max_lag=0"] if override == "mode=async" else []
+    with pytest.raises(ConfigError, match="rollout.gpus >= 2"):  # vllm TP 2 without GPUs
+        load_config(None, [*TINY, "rollout.engine=vllm", "rollout.tensor_parallel_size=2"])
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*TINY, override, *extra])
 

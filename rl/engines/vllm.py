@@ -117,7 +117,7 @@ class VLLMEngine(Engine):
             path = save_pretrained(build_model(spec), owned)
         engine = cls(
             path,
-            tensor_parallel_size=int(getattr(config, "tensor_parallel_size", 1)),
+            tensor_parallel_size=config.tensor_parallel_size,
             dtype="bfloat16" if torch.cuda.is_available() else "float32",  # the learner's
             max_model_len=config.max_context,
             max_num_seqs=config.max_batch,
