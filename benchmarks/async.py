@@ -1,7 +1,7 @@
 """Seconds per RL step in sync mode vs async mode (max_lag 2) on one workload with long-tailed
 environment latency, in one process; also weight-sync time as a share of step time.
 
-    python benchmarks/async.py [--steps 8] [--latency 0.4] [--sigma 1.0]
+    python benchmarks/async.py [--steps 8] [--latency 0.4] [--sigma 1.0] [--weight-sync collective]
 
 The workload: a small random CWM on the `reverse` env whose scoring sleeps a lognormal time per
 episode (median --latency s, log-sd --sigma: a few episodes take many times the median, as
@@ -47,6 +47,7 @@ def workload(steps: int, latency: float, sigma: float) -> list[str]:
 
 def measure(mode: str, args, tmp: Path) -> dict:
     extra = ["mode=sync"] if mode == "sync" else ["mode=async", f"max_lag={args.max_lag}"]
+    extra.append(f"weight_sync.method={args.weight_sync}")
     cfg = load_config(
         None, workload(args.steps, args.latency, args.sigma) + extra + [f"name={mode}"]
     )
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.4)
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--max-lag", type=int, default=2)
+    ap.add_argument("--weight-sync", default="object_store", choices=["object_store", "collective"])
     args = ap.parse_args()
     init_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,6 +89,7 @@ def main() -> None:
         "weight_sync_share_sync": round(res["sync"]["sync_share"], 4),
         "weight_sync_share_async": round(res["async"]["sync_share"], 4),
         "max_lag": args.max_lag,
+        "weight_sync": args.weight_sync,
         "max_lag_seen": res["async"]["max_lag_seen"],
     }
     print("RESULT " + json.dumps(result))

@@ -77,14 +77,16 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def split_state_dict(
-    state: dict[str, torch.Tensor], max_bytes: int
+    state: dict[str, torch.Tensor], max_bytes: int, by_dtype: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     """Split a state dict, in order, into pieces of at most `max_bytes` (a larger tensor goes
-    alone): checkpoint shards, weight-sync buckets."""
+    alone): checkpoint shards, weight-sync buckets. by_dtype: a piece also holds one dtype only
+    (so it flattens into one tensor)."""
     out, current, size = [], {}, 0
     for name, t in state.items():
         n = t.numel() * t.element_size()
-        if current and size + n > max_bytes:
+        dtype_changes = by_dtype and current and next(iter(current.values())).dtype != t.dtype
+        if current and (size + n > max_bytes or dtype_changes):
             out.append(current)
             current, size = {}, 0
         current[name] = t

@@ -20,6 +20,7 @@ from envs.base import ConfigError
 from model.loader import ModelSpec
 from rl.learner import LearnerConfig
 from rl.rollout import RolloutConfig
+from rl.weights import WeightSyncConfig
 
 
 @dataclass
@@ -62,7 +63,7 @@ class RunConfig:
     num_learners: int = 1  # FSDP ranks
     learner_gpus: float = 0.0  # GPUs per learner rank
     learner_threads: int = 1  # torch threads per learner rank (CPU)
-    weight_bucket_mb: float = 64.0  # weight sync bucket size
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # rl/weights.py
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     samples_per_step: int = 2  # trajectories written to samples.jsonl per step
@@ -81,6 +82,16 @@ def _check(cfg: RunConfig) -> None:
     for key in ("steps", "groups_per_step", "group_size", "num_learners"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    ws = cfg.weight_sync
+    if (
+        ws.method == "collective"
+        and ws.backend == "nccl"
+        and not (cfg.learner_gpus > 0 and cfg.rollout.gpus > 0)
+    ):
+        raise ConfigError(
+            "key 'weight_sync.backend' is nccl but learner_gpus and rollout.gpus are not both > 0"
+            " (NCCL broadcasts between GPUs; use gloo or auto)"
+        )
     if not cfg.envs:
         raise ConfigError("key 'envs' is empty: name at least one environment")
     if cfg.group_size == 1 and cfg.learner.loss.advantage in ("mean", "std"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from rl import grpo
 from rl.packing import MicroBatch, build_micro_batch, pack
 from rl.parallelize import parallelize
 from rl.types import TrainBatch
+from rl.weights import WeightGroup, send_weights
 
 
 @dataclass
@@ -104,6 +106,9 @@ def token_logprobs(
 
 class Learner:
     """One rank of the learner. All ranks must call the same methods in the same order."""
+
+    weight_group: WeightGroup | None = None  # weight_sync.method=collective, rank 0
+    _weight_store: Any = None
 
     def __init__(
         self,
@@ -267,6 +272,48 @@ class Learner:
 
         sd = self.hf_state_dict()
         return [ray.put(bucket) for bucket in split_state_dict(sd, bucket_bytes)] if sd else []
+
+    # weight_sync.method=collective: rank 0 is the source of a process group with the workers
+
+    def open_weight_group(self, num_receivers: int, backend: str, timeout_s: float) -> dict | None:
+        """Rank 0: serve the store of a new weight-sync group (the previous one is closed);
+        returns the address the receivers join (ranks 1..num_receivers). Other ranks: None."""
+        if self.rank != 0:
+            return None
+        self.close_weight_group()
+        self._weight_store, address = WeightGroup.serve(num_receivers + 1, timeout_s)
+        return {**address, "backend": backend, "timeout_s": timeout_s}
+
+    def join_weight_group(self, address: dict) -> None:
+        """Rank 0 joins as the source; returns once every receiver has joined."""
+        if self.rank == 0:
+            store, self._weight_store = self._weight_store, None
+            self.weight_group = WeightGroup.join(
+                address, 0, address["backend"], address["timeout_s"], self.device, store=store
+            )
+
+    def close_weight_group(self) -> None:
+        group, self.weight_group = self.weight_group, None
+        if group is not None:
+            group.close()
+
+    def broadcast_weights(self, bucket_bytes: int) -> float:
+        """Full HF-named weights (a collective of every rank) broadcast by rank 0 to the weight
+        group, bucket by bucket. Returns the seconds it took. A failed broadcast (a receiver
+        died) closes the group: a new one must be formed."""
+        t0 = time.monotonic()
+        sd = self.hf_state_dict()
+        if self.rank == 0:
+            if self.weight_group is None:
+                raise RuntimeError(
+                    "no weight-sync group: open_weight_group/join_weight_group first"
+                )
+            try:
+                send_weights(self.weight_group, sd, bucket_bytes)
+            except Exception:
+                self.close_weight_group()
+                raise
+        return time.monotonic() - t0
 
     def export_hf(self, path: str) -> str | None:
         """Write an HF checkpoint of the current policy, with its tokenizer (rank 0 writes)."""

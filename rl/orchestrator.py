@@ -34,6 +34,7 @@ from rl.rollout import RolloutWorker
 from rl.runlog import RunLog, eval_table, provenance
 from rl.tasks import TaskSource
 from rl.types import Trajectory
+from rl.weights import resolve_backend
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_ENV = {
@@ -92,7 +93,8 @@ class Orchestrator:
         self.inflight: dict = {}  # ObjectRef -> InFlight (async mode)
         self.resubmit: list[Group] = []
         self.pending_acks: list = []  # weight update not yet acknowledged by every worker
-        self.faults = {"worker_restarts": 0}
+        self.weight_group_ready = False  # weight_sync.method=collective: the group is formed
+        self.faults = {"worker_restarts": 0, "weight_sync_failures": 0}
 
     # -- actors -----------------------------------------------------------------------------------
 
@@ -128,8 +130,9 @@ class Orchestrator:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.workers[index] = self._new_worker(index)
-        if self.learners:
-            bucket = int(self.cfg.weight_bucket_mb * 2**20)
+        self.weight_group_ready = False  # collective: the group forms again with the new worker
+        if self.learners:  # the current weights through the object store, whatever the method
+            bucket = self.cfg.weight_sync.bucket_bytes
             refs = ray.get([a.publish_weights.remote(bucket) for a in self.learners])[0]
             ray.get(
                 [
@@ -175,38 +178,114 @@ class Orchestrator:
     # -- weights ----------------------------------------------------------------------------------
 
     def sync_weights(self, version: int, wait: bool = True) -> float:
-        """Learner -> every worker, bucketed through the object store; returns the seconds the
-        training loop was blocked. With wait=False (async mode) the workers apply the update
-        between two decode steps while the loop goes on; the previous update's
-        acknowledgements are collected first, so at most one update is ever outstanding."""
+        """Learner -> every worker (weight_sync.method: through the object store, or broadcast
+        in a process group); returns the seconds the training loop was blocked. With wait=False
+        (async mode) the loop waits only for the learner's part; the workers apply the update
+        between two decode steps while the loop goes on. The previous update's acknowledgements
+        are collected first, so at most one update is ever outstanding."""
         t0 = time.monotonic()
         self._collect_acks()
-        bucket = int(self.cfg.weight_bucket_mb * 2**20)
-        refs = self.learner_get(
-            [a.publish_weights.remote(bucket) for a in self.learners], "weight publishing"
-        )[0]
-        self.pending_acks = [
-            (
-                w,
+        if self.cfg.weight_sync.method == "collective":
+            self._broadcast_weights(version)
+        else:
+            refs = self.learner_get(
                 [
-                    wk.receive_weights.remote(ref, version, i == len(refs) - 1)
-                    for i, ref in enumerate(refs)
+                    a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes)
+                    for a in self.learners
                 ],
-            )
-            for w, wk in enumerate(self.workers)
-        ]
-        if wait:
-            self._collect_acks()
+                "weight publishing",
+            )[0]
+            self.pending_acks = [
+                (
+                    w,
+                    [
+                        wk.receive_weights.remote(ref, version, i == len(refs) - 1)
+                        for i, ref in enumerate(refs)
+                    ],
+                )
+                for w, wk in enumerate(self.workers)
+            ]
+        if wait and self._collect_acks():  # on-policy: every worker must have this version
+            if self.faults["weight_sync_failures"] > self.cfg.max_worker_restarts:
+                raise RuntimeError(
+                    f"weight sync failed {self.faults['weight_sync_failures']} times "
+                    f"(max_worker_restarts={self.cfg.max_worker_restarts})"
+                )
+            return time.monotonic() - t0 + self.sync_weights(version, wait)
         return time.monotonic() - t0
 
-    def _collect_acks(self) -> None:
-        """Wait for every worker to apply the last update; replace any that died meanwhile."""
+    def _broadcast_weights(self, version: int) -> None:
+        """weight_sync.method=collective: learner rank 0 broadcasts to the workers' group. Dead
+        workers are found (and replaced) before the broadcast; a broadcast that fails because a
+        worker died meanwhile is repeated in a group formed again."""
+        for _attempt in range(self.cfg.max_worker_restarts + 1):
+            self._check_workers()
+            if not self.weight_group_ready:
+                self._form_weight_group()
+            sending = [
+                a.broadcast_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners
+            ]
+            receiving = [
+                (w, [wk.receive_broadcast.remote(version)]) for w, wk in enumerate(self.workers)
+            ]
+            try:
+                ray.get(sending)
+            except ray.exceptions.RayTaskError:  # a receiver gone, or the learner failing
+                dead = self._check_workers()
+                if not dead:
+                    self.learner_get(sending, "the weight broadcast")
+                    raise
+                self.weight_group_ready = False  # the survivors' receives end with the old group
+                print(f"weight broadcast failed ({dead} worker(s) died): again", flush=True)
+                continue
+            except ray.exceptions.RayActorError:
+                self.learner_get(sending, "the weight broadcast")
+                raise
+            self.pending_acks = receiving
+            return
+        raise RuntimeError("the weight broadcast failed on every attempt")
+
+    def _check_workers(self) -> int:
+        """Ping every worker; replace those that died. Returns how many were replaced."""
+        replaced = 0
+        for w, worker in enumerate(list(self.workers)):
+            try:
+                ray.get(worker.version.remote(), timeout=self.cfg.weight_sync.timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                self.replace_worker(w, e)
+                replaced += 1
+        return replaced
+
+    def _form_weight_group(self) -> None:
+        """Learner rank 0 (source, rank 0) and every worker (ranks 1..N) join a new group."""
+        ws = self.cfg.weight_sync
+        backend = resolve_backend(ws.backend, self.cfg.learner_gpus, self.cfg.rollout.gpus)
+        address = self.learner_get(
+            [self.learners[0].open_weight_group.remote(len(self.workers), backend, ws.timeout_s)],
+            "forming the weight-sync group",
+        )[0]
+        joins = [self.learners[0].join_weight_group.remote(address)]
+        joins += [wk.join_weight_group.remote(address, w + 1) for w, wk in enumerate(self.workers)]
+        ray.get(joins)
+        self.weight_group_ready = True
+
+    def _collect_acks(self) -> list[int]:
+        """Wait for every worker to apply the last update; replace any that died meanwhile.
+        Returns the workers whose receive failed while they lived (a broken weight-sync group:
+        it forms again before the next broadcast)."""
         pending, self.pending_acks = self.pending_acks, []
+        failed = []
         for index, acks in pending:
             try:
                 ray.get(acks)
             except ray.exceptions.RayActorError as e:
                 self.replace_worker(index, e)
+            except ray.exceptions.RayTaskError as e:
+                print(f"worker {index} did not receive the weights: {e}", flush=True)
+                self.faults["weight_sync_failures"] += 1
+                self.weight_group_ready = False
+                failed.append(index)
+        return failed
 
     # -- generation -------------------------------------------------------------------------------
 

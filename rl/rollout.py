@@ -25,6 +25,7 @@ from model.loader import ModelSpec, build_model, load_tokenizer
 from rl.engines.base import Completion, Engine, SamplingParams
 from rl.engines.native import NativeEngine
 from rl.types import Trajectory
+from rl.weights import WeightGroup, recv_weights
 
 
 @dataclass
@@ -172,6 +173,7 @@ class RolloutWorker:
         self.deterministic = deterministic
         self.batcher: Batcher | None = None
         self._staged: dict[str, torch.Tensor] = {}
+        self.weight_group: WeightGroup | None = None
         self.weight_update_s = 0.0
 
     def _batcher(self) -> Batcher:
@@ -304,12 +306,40 @@ class RolloutWorker:
         if not last:
             return self.engine.version
         staged, self._staged = self._staged, {}
+        return await self._apply_weights(staged, version)
+
+    async def _apply_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         t0 = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(
-            None, self.engine.update_weights, staged, version
+            None, self.engine.update_weights, weights, version
         )
         self.weight_update_s = time.monotonic() - t0
         return self.engine.version
+
+    # weight_sync.method=collective: this worker is one receiver of the learner's broadcast
+
+    async def join_weight_group(self, address: dict, rank: int) -> None:
+        """Join a new weight-sync group as `rank` (blocks, off the event loop, until all have
+        joined); a previous group is aborted, which also frees a receive stuck on it."""
+        device = "cuda" if address["backend"] == "nccl" else "cpu"
+        group = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: WeightGroup.join(
+                address, rank, address["backend"], address["timeout_s"], device
+            ),
+        )
+        old, self.weight_group = self.weight_group, group
+        if old is not None:
+            old.close()
+
+    async def receive_broadcast(self, version: int) -> int:
+        """Receive one update from the weight group (on a thread: episodes keep decoding), then
+        apply it between two decode steps."""
+        group = self.weight_group
+        if group is None:
+            raise RuntimeError(f"worker {self.worker_id} has not joined a weight-sync group")
+        weights = await asyncio.get_running_loop().run_in_executor(None, recv_weights, group)
+        return await self._apply_weights(weights, version)
 
     def version(self) -> int:
         return self.engine.version

@@ -54,10 +54,14 @@ def wait_for(condition, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_local, tmp_path):
-    straight = Orchestrator(load_config(None, [*TINY_RUN, "steps=4"]), tmp_path / "straight")
+@pytest.mark.parametrize("method", ["object_store", "collective"])
+def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_local, tmp_path, method):
+    """With collective weight sync the dead worker is also found before the next broadcast and
+    the group forms again with its replacement."""
+    args = [*TINY_RUN, "steps=4", f"weight_sync.method={method}"]
+    straight = Orchestrator(load_config(None, args), tmp_path / "straight")
     straight.run()
-    orch = Orchestrator(load_config(None, [*TINY_RUN, "steps=4"]), tmp_path / "crash")
+    orch = Orchestrator(load_config(None, args), tmp_path / "crash")
     thread, box = run_in_thread(orch)
     wait_for(lambda: orch.step >= 2)  # then kill the worker while it generates step 3's groups
     victim = orch.workers[0]
@@ -145,3 +149,43 @@ def test_kill_9_of_the_driver_then_resume_loses_no_prompt(tmp_path, mode):
     else:  # async: which group trains when depends on timing, but none is lost or repeated
         groups = [g for step in trained(killed) for g in step]
         assert len(groups) == len(set(groups))
+
+
+def test_collective_weight_sync_survives_a_worker_dead_at_the_broadcast(ray_local, tmp_path):
+    """A worker dies after the liveness check, so the broadcast meets it: the learner's send
+    fails, its group closes (freeing the other receivers at once, not at the timeout), the dead
+    worker is replaced and the update is sent again in a new group; every worker ends with it."""
+    args = [*TINY_RUN, "rollout.num_workers=3", "weight_sync.method=collective",
+            "weight_sync.timeout_s=60"]  # fmt: skip
+    orch = Orchestrator(load_config(None, args), tmp_path / "bcast")
+    orch.start()
+    try:
+        orch.sync_weights(1)  # forms the group
+        assert ray_local.get([w.version.remote() for w in orch.workers]) == [1, 1, 1]
+        victim = orch.workers[1]
+        ray_local.kill(victim, no_restart=True)
+        wait_for(lambda: not is_alive(ray_local, victim), timeout=30)
+        check, calls = orch._check_workers, []
+
+        def blind_first_check() -> int:  # the worker dies "after" the first liveness check
+            calls.append(1)
+            return 0 if len(calls) == 1 else check()
+
+        orch._check_workers = blind_first_check
+        t0 = time.monotonic()
+        orch.sync_weights(2)
+        elapsed = time.monotonic() - t0
+        assert len(calls) == 3  # blind check, the failure's check (found it), the retry's check
+        assert orch.workers[1] is not victim and orch.faults["worker_restarts"] == 1
+        assert ray_local.get([w.version.remote() for w in orch.workers]) == [2, 2, 2]
+        assert elapsed < 30  # nobody waited for the 60 s timeout
+    finally:
+        orch.stop()
+
+
+def is_alive(ray, actor) -> bool:
+    try:
+        ray.get(actor.version.remote(), timeout=5)
+        return True
+    except Exception:  # noqa: BLE001 - dead (or dying)
+        return False

@@ -1,0 +1,226 @@
+"""Weight sync, learner -> rollout workers: what moves, in which buckets, over which transport.
+
+Two transports, chosen by `weight_sync.method`:
+
+- `object_store`: learner rank 0 puts buckets of Hugging Face-named tensors in Ray's object store
+  and every worker fetches them (shared memory between processes of one node). Works everywhere,
+  needs no set-up, and a new worker can fetch the same objects later.
+- `collective`: learner rank 0 and the workers form a torch.distributed process group of their own
+  (not the learners' FSDP group; gloo on CPU, NCCL where learner and workers hold GPUs) and rank 0
+  broadcasts each bucket as one flat tensor. An update is a header (the bucket plan: names, shapes
+  and dtypes, pickled into a byte tensor; so nothing has to be agreed in advance) followed by the
+  buckets; every receiver unflattens each bucket into views of its buffer.
+
+Either way a worker stages the whole update and applies it between two decode steps (rl/rollout.py),
+so every token is sampled by exactly one policy version.
+
+    group = WeightGroup.join(address, rank, world_size, "gloo", timeout_s)   # on every member
+    send_weights(group, state_dict, bucket_bytes)                           # rank 0
+    state_dict = recv_weights(group)                                        # ranks 1..N
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model.hf import split_state_dict
+
+
+@dataclass
+class WeightSyncConfig:
+    method: str = "object_store"  # object_store | collective
+    backend: str = (
+        "auto"  # collective: auto (nccl when the learner has a GPU, else gloo) | gloo | nccl
+    )
+    bucket_mb: float = 64.0  # bytes per bucket (one ray.put, or one broadcast)
+    timeout_s: float = 120.0  # collective: forming the group or one broadcast; past it: an error
+
+    def __post_init__(self) -> None:
+        if self.method not in ("object_store", "collective"):
+            raise ValueError(
+                f"weight_sync.method must be object_store or collective, got {self.method!r}"
+            )
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(
+                f"weight_sync.backend must be auto, gloo or nccl, got {self.backend!r}"
+            )
+        if self.bucket_mb <= 0:
+            raise ValueError(f"weight_sync.bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"weight_sync.timeout_s must be > 0, got {self.timeout_s}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return max(1, int(self.bucket_mb * 2**20))
+
+
+# -- buckets ---------------------------------------------------------------------------------------
+
+
+def flatten(bucket: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One bucket (one dtype) as a single contiguous 1-D tensor on `device`."""
+    return torch.cat([t.detach().reshape(-1).to(device) for t in bucket.values()])
+
+
+def unflatten(
+    flat: torch.Tensor, plan: list[tuple[str, tuple[int, ...]]]
+) -> dict[str, torch.Tensor]:
+    """Views of `flat` with the names and shapes of `plan`, in order."""
+    total = sum(_numel(shape) for _, shape in plan)
+    if total != flat.numel():
+        raise ValueError(f"bucket holds {flat.numel()} elements, its plan {total}")
+    out, offset = {}, 0
+    for name, shape in plan:
+        n = _numel(shape)
+        out[name] = flat[offset : offset + n].view(shape)
+        offset += n
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# -- the group -------------------------------------------------------------------------------------
+
+
+def host_address() -> str:
+    """This node's address as other nodes of the Ray cluster reach it (loopback without Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        pass
+    return "127.0.0.1"
+
+
+def resolve_backend(backend: str, learner_gpus: float, worker_gpus: float) -> str:
+    """`auto`: NCCL when the learner and the workers hold GPUs, else gloo."""
+    if backend == "auto":
+        return "nccl" if learner_gpus > 0 and worker_gpus > 0 else "gloo"
+    return backend
+
+
+class WeightGroup:
+    """A process group of one weight-sync source (rank 0) and its receivers. Its own TCPStore,
+    served by rank 0, makes it independent of any default process group (the learners' FSDP group
+    lives on beside it) and lets a new group form after a receiver died."""
+
+    def __init__(self, pg: Any, rank: int, world_size: int, device: torch.device, store: Any):
+        self.pg, self.rank, self.world_size, self.device = pg, rank, world_size, device
+        self._store = store  # kept alive while the group lives
+
+    @staticmethod
+    def serve(world_size: int, timeout_s: float) -> tuple[Any, dict]:
+        """Rank 0: a TCPStore on a free port; returns it and the address the others join."""
+        host = host_address()
+        store = dist.TCPStore(
+            host,
+            0,
+            world_size,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
+        return store, {"host": host, "port": store.port, "world_size": world_size}
+
+    @classmethod
+    def join(
+        cls,
+        address: dict,
+        rank: int,
+        backend: str,
+        timeout_s: float,
+        device: torch.device | str = "cpu",
+        store: Any = None,
+    ) -> WeightGroup:
+        """Every member calls this (they block until all have joined). Rank 0 passes the store
+        from `serve`; the others connect to `address`."""
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"weight-sync rank {rank}: backend nccl needs CUDA, and this process has none"
+            )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        world_size = address["world_size"]
+        if store is None:
+            store = dist.TCPStore(
+                address["host"], address["port"], world_size, is_master=False, timeout=timeout
+            )
+        device = torch.device(device)
+        if backend == "gloo":
+            pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        elif backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        else:
+            raise ValueError(f"unknown weight-sync backend {backend!r}")
+        return cls(pg, rank, world_size, device, store)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        opts.rootTensor = 0
+        self.pg.broadcast([tensor], opts).wait()
+
+    def close(self) -> None:
+        """Drop this member's end. The process group is destroyed with its last reference, and
+        its connections with it: a peer blocked on the group fails at once ("Connection closed
+        by peer") instead of waiting for the timeout. (ProcessGroupGloo.abort/shutdown do not
+        free a blocked peer; measured.) The source closes its group when a broadcast fails."""
+        self.pg = None
+
+
+def send_weights(group: WeightGroup, sd: dict[str, torch.Tensor], bucket_bytes: int) -> int:
+    """Rank 0: broadcast `sd` (a header, then one flat tensor per bucket). Returns bytes sent."""
+    buckets = split_state_dict(sd, bucket_bytes, by_dtype=True) if sd else []
+    header = [
+        (
+            str(next(iter(b.values())).dtype).removeprefix("torch."),
+            [(k, tuple(v.shape)) for k, v in b.items()],
+        )
+        for b in buckets
+    ]
+    _send_bytes(group, pickle.dumps(header))
+    sent = 0
+    for bucket in buckets:
+        flat = flatten(bucket, group.device)
+        group.broadcast(flat)
+        sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def recv_weights(group: WeightGroup) -> dict[str, torch.Tensor]:
+    """Ranks 1..N: receive one update; HF-named tensors (views of one buffer per bucket)."""
+    header = pickle.loads(_recv_bytes(group))
+    out: dict[str, torch.Tensor] = {}
+    for dtype, plan in header:
+        n = sum(_numel(shape) for _, shape in plan)
+        flat = torch.empty(n, dtype=getattr(torch, dtype), device=group.device)
+        group.broadcast(flat)
+        out.update(unflatten(flat, plan))
+    return out
+
+
+def _send_bytes(group: WeightGroup, data: bytes) -> None:
+    group.broadcast(torch.tensor([len(data)], dtype=torch.int64, device=group.device))
+    group.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(group.device))
+
+
+def _recv_bytes(group: WeightGroup) -> bytes:
+    size = torch.zeros(1, dtype=torch.int64, device=group.device)
+    group.broadcast(size)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=group.device)
+    group.broadcast(data)
+    return data.cpu().numpy().tobytes()

@@ -1,0 +1,150 @@
+"""Weight sync transports (rl/weights.py): buckets, and a real gloo group of one source and
+several receivers (threads of this process, each its own rank over TCP) moving a state dict bit
+for bit. The NCCL backend is the same code on CUDA tensors; it needs GPUs and is not run here."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from model.hf import split_state_dict
+from rl.weights import (
+    WeightGroup,
+    WeightSyncConfig,
+    flatten,
+    recv_weights,
+    resolve_backend,
+    send_weights,
+    unflatten,
+)
+
+
+def mixed_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.embed_tokens.weight": torch.randn(50, 8, generator=g),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g),
+        "model.layers.0.input_layernorm.weight": torch.randn(8, generator=g).bfloat16(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g).bfloat16(),
+        "model.rotary.inv_freq": torch.arange(4, dtype=torch.int64),
+        "lm_head.weight": torch.randn(50, 8, generator=g),
+    }
+
+
+def test_buckets_keep_order_respect_size_and_hold_one_dtype():
+    sd = mixed_state_dict()
+    buckets = split_state_dict(sd, bucket_bytes := 1024, by_dtype=True)
+    assert [k for b in buckets for k in b] == list(sd)  # every tensor once, in order
+    for b in buckets:
+        assert len({t.dtype for t in b.values()}) == 1
+        nbytes = sum(t.numel() * t.element_size() for t in b.values())
+        assert nbytes <= bucket_bytes or len(b) == 1  # a larger tensor goes alone
+    # embed (1600 B) alone; q_proj (256 B) fp32; then the bf16 pair; int64; lm_head alone
+    assert [len(b) for b in buckets] == [1, 1, 2, 1, 1]
+    # without by_dtype, q_proj and the bf16 tensors would share a bucket
+    assert len(split_state_dict(sd, 1024)) < len(buckets)
+
+
+def test_flatten_then_unflatten_is_the_identity():
+    sd = {k: v for k, v in mixed_state_dict().items() if v.dtype == torch.float32}
+    flat = flatten(sd)
+    assert flat.shape == (sum(v.numel() for v in sd.values()),)
+    back = unflatten(flat, [(k, tuple(v.shape)) for k, v in sd.items()])
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match="plan"):
+        unflatten(flat[:-1], [(k, tuple(v.shape)) for k, v in sd.items()])
+
+
+def run_group(world_size: int, root_work, receiver_work, timeout_s: float = 30.0) -> list:
+    """Rank 0 runs root_work(group), ranks 1.. receiver_work(group); each in its own thread.
+    Returns their results by rank (an exception where one raised)."""
+    store, address = WeightGroup.serve(world_size, timeout_s)
+    results: list = [None] * world_size
+
+    def member(rank: int) -> None:
+        try:
+            group = WeightGroup.join(
+                address, rank, "gloo", timeout_s, store=store if rank == 0 else None
+            )
+            results[rank] = (root_work if rank == 0 else receiver_work)(group)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            results[rank] = e
+
+    threads = [threading.Thread(target=member, args=(r,), daemon=True) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 30)
+    return results
+
+
+def test_a_gloo_broadcast_moves_a_mixed_state_dict_bit_for_bit():
+    sd = mixed_state_dict()
+    results = run_group(
+        4, lambda g: send_weights(g, sd, bucket_bytes=1024), lambda g: recv_weights(g)
+    )
+    assert results[0] == sum(t.numel() * t.element_size() for t in sd.values())
+    for got in results[1:]:
+        assert list(got) == list(sd)
+        for k, v in sd.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_two_updates_in_a_row_arrive_in_order():
+    first, second = mixed_state_dict(), {k: v + 1 for k, v in mixed_state_dict().items()}
+
+    def root(g):
+        send_weights(g, first, 4096)
+        send_weights(g, second, 4096)
+
+    results = run_group(3, root, lambda g: (recv_weights(g), recv_weights(g)))
+    for a, b in results[1:]:
+        assert all(torch.equal(a[k], first[k]) and torch.equal(b[k], second[k]) for k in first)
+
+
+def test_a_source_that_closes_its_group_frees_a_receiver_stuck_on_it():
+    """A broadcast that fails (a receiver died) must not hold the other receivers until the
+    timeout: the source closes its group, and every receive blocked on it fails at once."""
+    store, address = WeightGroup.serve(2, 60.0)
+    groups: dict = {}
+    outcome: dict = {}
+
+    def root():
+        groups[0] = WeightGroup.join(address, 0, "gloo", 60.0, store=store)
+
+    def receiver():
+        groups[1] = WeightGroup.join(address, 1, "gloo", 60.0)
+        t0 = time.monotonic()
+        try:
+            recv_weights(groups[1])
+        except Exception as e:  # noqa: BLE001
+            outcome["error"] = e
+        outcome["waited"] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (root, receiver)]
+    for t in threads:
+        t.start()
+    threads[0].join(30)
+    time.sleep(0.5)  # the receiver is now blocked in its first broadcast
+    assert "waited" not in outcome
+    groups[0].close()
+    threads[1].join(30)
+    assert "error" in outcome and outcome["waited"] < 30  # not the 60 s timeout
+
+
+def test_config_and_backend_choice():
+    assert resolve_backend("auto", 0, 0) == "gloo"
+    assert resolve_backend("auto", 1, 0) == "gloo"  # workers on CPU: NCCL cannot reach them
+    assert resolve_backend("auto", 1, 1) == "nccl"
+    assert resolve_backend("gloo", 1, 1) == "gloo"
+    assert WeightSyncConfig(bucket_mb=0.5).bucket_bytes == 2**19
+    with pytest.raises(ValueError, match="weight_sync.method"):
+        WeightSyncConfig(method="rdma")
+    with pytest.raises(ValueError, match="weight_sync.backend"):
+        WeightSyncConfig(backend="mpi")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="nccl needs CUDA"):
+            WeightGroup.join({"host": "127.0.0.1", "port": 1, "world_size": 2}, 1, "nccl", 1.0)
