@@ -255,7 +255,9 @@ class CWM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # a plain fp32 tensor, not a buffer: dtype casts of the module (bf16) must not touch it
         self.inv_freq = rope_inv_freq(config)
-        self.attn_backend = "auto"  # auto | sdpa | flash
+        self.attn_backend = (
+            "auto"  # auto (flash on CUDA if installed, else docs) | docs | dense | flash
+        )
 
     def forward(
         self,
@@ -301,7 +303,7 @@ class CWM(nn.Module):
     def _backend(self, input_ids: torch.Tensor) -> str:
         if self.attn_backend != "auto":
             return self.attn_backend
-        return "flash" if flash_attn_varlen_func is not None and input_ids.is_cuda else "sdpa"
+        return "flash" if flash_attn_varlen_func is not None and input_ids.is_cuda else "docs"
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
         """Allocate a KV cache of `max_len` slots per row in every layer (replacing any old one)."""
@@ -447,12 +449,20 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 class PackedAttention:
     """Causal attention within documents of packed rows (+ sliding window on sliding layers).
 
-    Masks are built once per forward and shared by all layers of the same kind."""
+    Backends: `docs` (default without flash-attn): one SDPA call per document with is_causal, so
+    memory and work grow with the sum of squared document lengths, not with the squared row
+    length; a sliding layer masks only documents longer than its window. `dense`: one SDPA call
+    per row with a [T, T] document mask (the reference). `flash`: flash-attn varlen (CUDA).
+    Masks and segments are computed once per forward and shared by all layers."""
 
     def __init__(self, position_ids: torch.Tensor, window: int | None, backend: str):
+        if backend not in ("docs", "dense", "flash"):
+            raise ValueError(f"attention backend must be docs, dense or flash, got {backend!r}")
         self.position_ids, self.window, self.backend = position_ids, window, backend
         self._masks: dict[bool, torch.Tensor] = {}
         self._varlen = None
+        self._segments: list[list[int]] | None = None
+        self._window_masks: dict[int, torch.Tensor] = {}
 
     def mask(self, sliding: bool) -> torch.Tensor:
         if sliding not in self._masks:
@@ -469,9 +479,45 @@ class PackedAttention:
     def __call__(self, q, k, v, sliding: bool, kv_cache):
         if self.backend == "flash":
             return self._flash(q, k, v, sliding)
+        if self.backend == "docs":
+            return self._docs(q, k, v, sliding)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=self.mask(sliding), enable_gqa=q.shape[1] != k.shape[1]
         )
+
+    def segments(self) -> list[list[int]]:
+        """Document lengths of each row, in order."""
+        if self._segments is None:
+            doc = document_ids(self.position_ids).cpu()
+            self._segments = [
+                torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in doc
+            ]
+        return self._segments
+
+    def _window_mask(self, n: int, device) -> torch.Tensor:
+        if n not in self._window_masks:
+            idx = torch.arange(n, device=device)
+            diff = idx[:, None] - idx[None, :]
+            self._window_masks[n] = (diff >= 0) & (diff < self.window)
+        return self._window_masks[n]
+
+    def _docs(self, q, k, v, sliding: bool):
+        gqa = q.shape[1] != k.shape[1]
+        rows = []
+        for b, lengths in enumerate(self.segments()):
+            outs, start = [], 0
+            for n in lengths:
+                part = slice(start, start + n)
+                qd, kd, vd = q[b : b + 1, :, part], k[b : b + 1, :, part], v[b : b + 1, :, part]
+                if sliding and n > self.window:
+                    mask = self._window_mask(n, q.device)
+                    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)
+                else:
+                    o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
+                outs.append(o)
+                start += n
+            rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
     def _flash(self, q, k, v, sliding: bool):
         """flash-attn varlen: every document of every row is one sequence in cu_seqlens."""

@@ -288,8 +288,9 @@ class Learner:
         """Rank 0 joins as the source; returns once every receiver has joined."""
         if self.rank == 0:
             store, self._weight_store = self._weight_store, None
+            device = self.device if address["backend"] == "nccl" else "cpu"  # gloo: host memory
             self.weight_group = WeightGroup.join(
-                address, 0, address["backend"], address["timeout_s"], self.device, store=store
+                address, 0, address["backend"], address["timeout_s"], device, store=store
             )
 
     def close_weight_group(self) -> None:
