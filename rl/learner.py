@@ -28,7 +28,7 @@ from rl import grpo
 from rl.packing import MicroBatch, build_micro_batch, pack
 from rl.parallelize import parallelize
 from rl.types import TrainBatch
-from rl.weights import WeightGroup, send_weights
+from rl.weights import WeightGroup, send_weights, to_arrays
 
 
 @dataclass
@@ -267,11 +267,13 @@ class Learner:
 
     def publish_weights(self, bucket_bytes: int) -> list:
         """Full HF-named weights split into buckets of about `bucket_bytes`, each put in Ray's
-        object store (rank 0; other ranks take part and return []). Returns the ObjectRefs."""
+        object store as numpy arrays (rl/weights.to_arrays; rank 0, other ranks take part and
+        return []). Returns the ObjectRefs."""
         import ray
 
         sd = self.hf_state_dict()
-        return [ray.put(bucket) for bucket in split_state_dict(sd, bucket_bytes)] if sd else []
+        buckets = split_state_dict(sd, bucket_bytes) if sd else []
+        return [ray.put(to_arrays(bucket)) for bucket in buckets]
 
     # weight_sync.method=collective: rank 0 is the source of a process group with the workers
 

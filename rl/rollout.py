@@ -25,7 +25,7 @@ from model.loader import ModelSpec, build_model, load_tokenizer
 from rl.engines.base import Completion, Engine, SamplingParams
 from rl.engines.native import NativeEngine
 from rl.types import Trajectory
-from rl.weights import WeightGroup, recv_weights
+from rl.weights import WeightGroup, from_arrays, recv_weights
 
 
 @dataclass
@@ -297,12 +297,11 @@ class RolloutWorker:
 
     # -- weights ----------------------------------------------------------------------------------
 
-    async def receive_weights(
-        self, bucket: dict[str, torch.Tensor], version: int, last: bool
-    ) -> int:
-        """Stage one bucket of HF-named tensors; on the last, apply them all between two decode
-        steps (requests in flight continue with the new weights)."""
-        self._staged.update(bucket)
+    async def receive_weights(self, bucket: dict[str, Any], version: int, last: bool) -> int:
+        """Stage one bucket of HF-named weights (rl/weights.to_arrays, fetched zero-copy from
+        the object store); on the last, apply them all between two decode steps (requests in
+        flight continue with the new weights)."""
+        self._staged.update(from_arrays(bucket))
         if not last:
             return self.engine.version
         staged, self._staged = self._staged, {}

@@ -90,6 +90,42 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+# -- the object store ------------------------------------------------------------------------------
+
+
+def to_arrays(bucket: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A bucket as numpy arrays, which Ray's object store serialises without pickling and hands
+    to readers zero-copy from shared memory (torch tensors are pickled and copied on both ends).
+    numpy has no bfloat16: such tensors travel as int16 bits, their dtype under "__dtypes__"."""
+    arrays: dict[str, Any] = {}
+    dtypes: dict[str, str] = {}
+    for name, t in bucket.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            dtypes[name] = "bfloat16"
+            t = t.view(torch.int16)
+        arrays[name] = t.numpy()
+    arrays["__dtypes__"] = dtypes
+    return arrays
+
+
+def from_arrays(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The inverse of to_arrays. The tensors share the (read-only) shared-memory buffers: read
+    them, copy them into parameters, never write to them."""
+    import warnings
+
+    dtypes = arrays.get("__dtypes__", {})
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, a in arrays.items():
+            if name == "__dtypes__":
+                continue
+            t = torch.from_numpy(a)
+            out[name] = t.view(getattr(torch, dtypes[name])) if name in dtypes else t
+    return out
+
+
 # -- the group -------------------------------------------------------------------------------------
 
 
@@ -168,11 +204,16 @@ class WeightGroup:
             raise ValueError(f"unknown weight-sync backend {backend!r}")
         return cls(pg, rank, world_size, device, store)
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
+    def broadcast(self, tensor: torch.Tensor, wait: bool = True) -> Any:
+        """Rank 0's `tensor` into every member's; wait=False returns the pending work (ops of
+        one group run in the order they were posted)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        work = self.pg.broadcast([tensor], opts)
+        if wait:
+            work.wait()
+        return work
 
     def close(self) -> None:
         """Drop this member's end. The process group is destroyed with its last reference, and
@@ -183,7 +224,8 @@ class WeightGroup:
 
 
 def send_weights(group: WeightGroup, sd: dict[str, torch.Tensor], bucket_bytes: int) -> int:
-    """Rank 0: broadcast `sd` (a header, then one flat tensor per bucket). Returns bytes sent."""
+    """Rank 0: broadcast `sd` (a header, then one flat tensor per bucket). Buckets are posted
+    without waiting, so flattening the next overlaps sending this one. Returns bytes sent."""
     buckets = split_state_dict(sd, bucket_bytes, by_dtype=True) if sd else []
     header = [
         (
@@ -193,23 +235,29 @@ def send_weights(group: WeightGroup, sd: dict[str, torch.Tensor], bucket_bytes: 
         for b in buckets
     ]
     _send_bytes(group, pickle.dumps(header))
-    sent = 0
+    sent, pending = 0, []
     for bucket in buckets:
         flat = flatten(bucket, group.device)
-        group.broadcast(flat)
+        pending.append((group.broadcast(flat, wait=False), flat))  # flat lives until sent
         sent += flat.numel() * flat.element_size()
+    for work, _ in pending:
+        work.wait()
     return sent
 
 
 def recv_weights(group: WeightGroup) -> dict[str, torch.Tensor]:
-    """Ranks 1..N: receive one update; HF-named tensors (views of one buffer per bucket)."""
+    """Ranks 1..N: receive one update; HF-named tensors (views of one buffer per bucket).
+    Every bucket's receive is posted at once."""
     header = pickle.loads(_recv_bytes(group))
     out: dict[str, torch.Tensor] = {}
+    pending = []
     for dtype, plan in header:
         n = sum(_numel(shape) for _, shape in plan)
         flat = torch.empty(n, dtype=getattr(torch, dtype), device=group.device)
-        group.broadcast(flat)
+        pending.append(group.broadcast(flat, wait=False))
         out.update(unflatten(flat, plan))
+    for work in pending:
+        work.wait()
     return out
 
 

@@ -15,9 +15,11 @@ from rl.weights import (
     WeightGroup,
     WeightSyncConfig,
     flatten,
+    from_arrays,
     recv_weights,
     resolve_backend,
     send_weights,
+    to_arrays,
     unflatten,
 )
 
@@ -56,6 +58,14 @@ def test_flatten_then_unflatten_is_the_identity():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     with pytest.raises(ValueError, match="plan"):
         unflatten(flat[:-1], [(k, tuple(v.shape)) for k, v in sd.items()])
+
+
+def test_object_store_buckets_round_trip_bit_for_bit_bf16_included(ray_local):
+    sd = mixed_state_dict()
+    got = from_arrays(ray_local.get(ray_local.put(to_arrays(sd))))
+    assert list(got) == list(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
 
 
 def run_group(world_size: int, root_work, receiver_work, timeout_s: float = 30.0) -> list:
