@@ -102,6 +102,36 @@ def test_seeded_requests_do_not_depend_on_their_batch():
     assert other_seed.token_ids != alone
 
 
+def test_a_group_of_identical_prompts_is_prefilled_once():
+    """GRPO asks for G samples of one prompt: it is prefilled once and its KV cache copied to
+    the G rows; every sample (greedy and seeded) is the one it would be prefilled alone."""
+    model = tiny(4)
+    engine = NativeEngine(copy.deepcopy(model))
+    prompt, other = [3, 1, 4, 1, 5, 9, 2, 6], [2, 7]
+    params = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(4)]
+    params.append(SamplingParams(max_new_tokens=12, temperature=0))
+    prompts = [prompt] * 4 + [other]
+    rows_per_forward = []
+    hook = engine.model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: rows_per_forward.append(tuple(args[0].shape))
+    )
+    try:
+        shared = engine.generate(prompts, params)
+    finally:
+        hook.remove()
+    assert rows_per_forward[0] == (2, len(prompt))  # two distinct prompts, prefilled once each
+    assert rows_per_forward[1][0] == 5  # then all five rows decode
+    assert engine.prefill_tokens == 2 * len(prompt)
+    engine.share_prompts = False
+    separate = engine.generate(prompts, params)
+    assert engine.prefill_tokens == 2 * len(prompt) + 5 * len(prompt)
+    for a, b in zip(shared, separate):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= TOL
+    assert len({tuple(c.token_ids) for c in shared[:4]}) > 1  # the seeds still differ
+    assert shared[4].token_ids == reference_greedy(model, other, 12)[0]
+
+
 def test_stop_tokens_and_finished_rows_leave_the_batch():
     model = tiny(0)
     engine = NativeEngine(copy.deepcopy(model))  # the engine packs its own copy

@@ -84,6 +84,8 @@ class NativeEngine(Engine):
         self._running.set()
         self._seeds = torch.Generator().manual_seed(seed)  # for requests without a seed
         self.decode_steps = 0
+        self.prefill_tokens = 0  # prompt tokens run through the model (padding included)
+        self.share_prompts = True  # identical prompts in a batch are prefilled once
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> NativeEngine:
@@ -148,7 +150,6 @@ class NativeEngine(Engine):
         out = [Completion(prompt_len=len(p)) for p in prompts]
         lengths = torch.tensor([len(p) for p in prompts], device=dev)
         max_len = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params))
-        self.model.setup_cache(B, max_len)
 
         rows = list(range(B))  # request index of each live batch row
         temperature = torch.tensor([sp.temperature for sp in params], device=dev)
@@ -158,16 +159,32 @@ class NativeEngine(Engine):
         top_p = torch.tensor([sp.top_p for sp in params], device=dev)
         gens = [self._generator(sp.seed) for sp in params]
 
-        padded = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
+        # prefill each distinct prompt once (the G samples of a GRPO group share theirs), then
+        # copy its KV cache and last logits to every row that asked for it
+        if self.share_prompts:
+            distinct: dict[tuple[int, ...], int] = {}
+            source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+            unique = [list(p) for p in distinct]
+        else:
+            source, unique = list(range(B)), prompts
+        U = len(unique)
+        unique_lengths = torch.tensor([len(p) for p in unique], device=dev)
+        self.model.setup_cache(U, max_len)
+        padded = torch.zeros(U, int(unique_lengths.max()), dtype=torch.long, device=dev)
+        for i, p in enumerate(unique):
             padded[i, : len(p)] = torch.tensor(p, device=dev)
-        positions = torch.arange(padded.shape[1], device=dev).expand(B, -1)
+        positions = torch.arange(padded.shape[1], device=dev).expand(U, -1)
         with self._step():
             logits = self.model(
-                padded, positions, use_cache=True, logits_index=(lengths - 1)[:, None]
+                padded, positions, use_cache=True, logits_index=(unique_lengths - 1)[:, None]
             )
             version = self.version
+        self.prefill_tokens += padded.numel()
         logits, pos = logits[:, 0], lengths.clone()
+        if U < B:
+            rows_of = torch.tensor(source, device=dev)
+            self.model.keep_cache_rows(rows_of)
+            logits = logits.index_select(0, rows_of)
 
         while rows:
             tokens, token_logprobs = self._next_tokens(
