@@ -82,6 +82,17 @@ def _check(cfg: RunConfig) -> None:
     for key in ("steps", "groups_per_step", "group_size", "num_learners"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    # the learner's log-probs must be those of the distribution the sampler drew from (greedy
+    # rollouts report plain log-softmax, i.e. temperature 1), or every importance ratio is off
+    sampler_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    if cfg.learner.temperature is None:
+        cfg.learner.temperature = sampler_t
+    elif cfg.learner.temperature != sampler_t:
+        raise ConfigError(
+            f"key 'learner.temperature' is {cfg.learner.temperature} but rollout.temperature "
+            f"samples at {cfg.rollout.temperature}: the learner's log-probs must be those of the "
+            f"sampling distribution (leave learner.temperature unset to follow rollout)"
+        )
     ws = cfg.weight_sync
     if (
         ws.method == "collective"

@@ -49,11 +49,17 @@ class LearnerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: grpo.LossConfig = field(default_factory=grpo.LossConfig)
     micro_batch_tokens: int = 4096
-    temperature: float = 1.0  # the sampler's: log-probs are of logits / temperature
+    # the sampler's: log-probs are of logits / temperature. None: rollout.temperature (a run's
+    # config sets it so; an explicit value that differs is a config error)
+    temperature: float | None = None
     activation_checkpointing: bool = False
     param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     logprob_chunk: int = 1024  # positions per lm_head chunk
     backend: str = "fsdp2"  # fsdp2 | deepspeed
+
+    @property
+    def logprob_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
 
 
 def lr_lambda(optim: OptimConfig):
@@ -183,7 +189,10 @@ class Learner:
         out: list[list[float]] = [[0.0] * len(t.tokens) for t in trajectories]
         for mb in self._micro_batches(trajectories):
             lp, _ = token_logprobs(
-                self.model, mb.to(self.device), self.config.temperature, self.config.logprob_chunk
+                self.model,
+                mb.to(self.device),
+                self.config.logprob_temperature,
+                self.config.logprob_chunk,
             )
             lp, seq = lp.cpu().tolist(), mb.seq_index[0].tolist()
             offsets = {}
@@ -216,9 +225,9 @@ class Learner:
             if self.ref_model is not None:
                 with torch.no_grad():
                     mb.ref_logprobs = token_logprobs(
-                        self.ref_model, mb, cfg.temperature, cfg.logprob_chunk
+                        self.ref_model, mb, cfg.logprob_temperature, cfg.logprob_chunk
                     )[0][None]
-            lp, entropy = token_logprobs(self.model, mb, cfg.temperature, cfg.logprob_chunk)
+            lp, entropy = token_logprobs(self.model, mb, cfg.logprob_temperature, cfg.logprob_chunk)
             # one optimizer step per batch: the learner's pre-step log-probs are these (for TIS)
             mb.old_logprobs = lp.detach()[None]
             loss, parts = grpo.packed_policy_loss(

@@ -18,6 +18,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_small_configs_validate(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.envs and cfg.steps >= 1
+    # the learner's log-probs are of the distribution the rollouts sample from
+    assert cfg.learner.temperature == (cfg.rollout.temperature or 1.0)
 
 
 def test_cwm_multitask_is_cwm_s_recipe(tmp_path, monkeypatch):

@@ -36,8 +36,10 @@ def test_sync_mode_is_reproducible_and_on_policy(ray_local, tmp_path):
     # sampler and learner agree on the log-probs of the tokens trained on (same fp32 weights)
     assert all(r["train/logprob_diff_max"] < 1e-3 for r in train)
     assert any(r["train/grad_norm"] > 0 for r in train)
-    c = run(tmp_path, "c", "seed=1")
+    c = run(tmp_path, "c", "seed=1", "rollout.temperature=0.7")
     assert deterministic_part(c) != deterministic_part(a)
+    # sampled at temperature 0.7: the learner follows it (the log-probs of the same distribution)
+    assert all(r["train/logprob_diff_max"] < 1e-3 for r in c if "train/loss" in r)
     run_dir = tmp_path / "a"
     for name in ("config.yaml", "provenance.json", "samples.jsonl", "reward_curve.png", "eval.md"):
         assert (run_dir / name).exists(), name
@@ -92,6 +94,7 @@ def test_async_mode_with_collective_weight_sync(ray_local, tmp_path):
         ("rollout.tensor_parallel_size=0", "tensor_parallel_size"),
         ("rollout.tensor_parallel_size=2", "rollout.engine=vllm"),  # native engine
         ("rollout.gpus=-1", "rollout.gpus"),
+        ("learner.temperature=0.5", "learner.temperature"),  # rollout samples at 1.0
     ],
 )
 def test_bad_config_is_named_before_anything_starts(override, message):
