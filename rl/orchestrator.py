@@ -248,9 +248,10 @@ class Orchestrator:
     def _check_workers(self) -> int:
         """Ping every worker; replace those that died. Returns how many were replaced."""
         replaced = 0
-        for w, worker in enumerate(list(self.workers)):
+        pings = [worker.version.remote() for worker in self.workers]  # all at once
+        for w, ping in enumerate(pings):
             try:
-                ray.get(worker.version.remote(), timeout=self.cfg.weight_sync.timeout_s)
+                ray.get(ping, timeout=self.cfg.weight_sync.timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 self.replace_worker(w, e)
                 replaced += 1

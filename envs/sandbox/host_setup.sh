@@ -73,14 +73,28 @@ mv "$CONF.tmp" "$CONF"
 
 # 3. The API service, unless one already answers on the socket.
 ping() { curl -sf --max-time 5 --unix-socket "$SOCKET" http://d/_ping >/dev/null 2>&1; }
+# a service started from a directory deleted since answers pings, but conmon cannot start
+# containers ("Failed to get working directory"): stop it and start a new one
+for pid in $(pgrep -f "podman system service .*unix://$SOCKET" || true); do
+    if [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == *" (deleted)" ]]; then
+        say "the podman service (pid $pid) runs in a deleted directory: restarting it"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+done
 if ping; then
     say "podman service already answers on $SOCKET"
 else
     rm -f "$SOCKET"
     mkdir -p "$(dirname "$SOCKET")"
     say "starting podman system service on $SOCKET (log: $LOG)"
-    CONTAINERS_CONF="$CONF" setsid nohup podman system service --time=0 "unix://$SOCKET" \
-        >>"$LOG" 2>&1 < /dev/null &
+    # from /, so that the service (and every conmon it starts) never runs in a directory that
+    # may be deleted later, such as the checkout that ran this script
+    (
+        cd /
+        CONTAINERS_CONF="$CONF" setsid nohup podman system service --time=0 "unix://$SOCKET" \
+            >>"$LOG" 2>&1 < /dev/null &
+    )
     for _ in $(seq 100); do ping && break; sleep 0.1; done
     if ! ping; then
         say "the podman service did not answer on $SOCKET; see $LOG"; tail -20 "$LOG" >&2; exit 1
