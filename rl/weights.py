@@ -22,6 +22,7 @@ so every token is sampled by exactly one policy version.
 from __future__ import annotations
 
 import datetime
+import math
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,10 @@ from model.hf import split_state_dict
 @dataclass
 class WeightSyncConfig:
     method: str = "object_store"  # object_store | collective
-    backend: str = (
-        "auto"  # collective: auto (nccl when the learner has a GPU, else gloo) | gloo | nccl
-    )
-    bucket_mb: float = 64.0  # bytes per bucket (one ray.put, or one broadcast)
-    timeout_s: float = 120.0  # collective: forming the group or one broadcast; past it: an error
+    backend: str = "auto"  # collective: auto (nccl if learner and workers have GPUs) | gloo | nccl
+    bucket_mb: float = 64.0  # MiB per bucket (one ray.put, or one broadcast)
+    # collective: forming the group, one broadcast, or a worker's ping before it; past it: an error
+    timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.method not in ("object_store", "collective"):
@@ -72,22 +72,15 @@ def unflatten(
     flat: torch.Tensor, plan: list[tuple[str, tuple[int, ...]]]
 ) -> dict[str, torch.Tensor]:
     """Views of `flat` with the names and shapes of `plan`, in order."""
-    total = sum(_numel(shape) for _, shape in plan)
+    total = sum(math.prod(shape) for _, shape in plan)
     if total != flat.numel():
         raise ValueError(f"bucket holds {flat.numel()} elements, its plan {total}")
     out, offset = {}, 0
     for name, shape in plan:
-        n = _numel(shape)
+        n = math.prod(shape)
         out[name] = flat[offset : offset + n].view(shape)
         offset += n
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # -- the object store ------------------------------------------------------------------------------
@@ -252,7 +245,7 @@ def recv_weights(group: WeightGroup) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     pending = []
     for dtype, plan in header:
-        n = sum(_numel(shape) for _, shape in plan)
+        n = sum(math.prod(shape) for _, shape in plan)
         flat = torch.empty(n, dtype=getattr(torch, dtype), device=group.device)
         pending.append(group.broadcast(flat, wait=False))
         out.update(unflatten(flat, plan))
