@@ -152,7 +152,11 @@ def padded_train_step(
     for b in batches:
         b = {k: v.to(learner.device) for k, v in b.items()}
         lp, entropy = padded_token_logprobs(
-            learner.model, b["input_ids"], b["target_ids"], cfg.temperature, cfg.logprob_chunk
+            learner.model,
+            b["input_ids"],
+            b["target_ids"],
+            cfg.logprob_temperature,
+            cfg.logprob_chunk,
         )
         loss, _ = grpo.policy_loss(
             lp, b["behaviour_logprobs"], b["advantages"], b["loss_mask"], cfg.loss,
