@@ -132,14 +132,8 @@ class Orchestrator:
         self.workers[index] = self._new_worker(index)
         self.weight_group_ready = False  # collective: the group forms again with the new worker
         if self.learners:  # the current weights through the object store, whatever the method
-            bucket = self.cfg.weight_sync.bucket_bytes
-            refs = ray.get([a.publish_weights.remote(bucket) for a in self.learners])[0]
-            ray.get(
-                [
-                    self.workers[index].receive_weights.remote(r, self.step, i == len(refs) - 1)
-                    for i, r in enumerate(refs)
-                ]
-            )
+            for _, acks in self._object_store_update(self.step, [index]):
+                ray.get(acks)
 
     def start_learners(self) -> None:
         cfg = self.cfg
@@ -188,23 +182,7 @@ class Orchestrator:
         if self.cfg.weight_sync.method == "collective":
             self._broadcast_weights(version)
         else:
-            refs = self.learner_get(
-                [
-                    a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes)
-                    for a in self.learners
-                ],
-                "weight publishing",
-            )[0]
-            self.pending_acks = [
-                (
-                    w,
-                    [
-                        wk.receive_weights.remote(ref, version, i == len(refs) - 1)
-                        for i, ref in enumerate(refs)
-                    ],
-                )
-                for w, wk in enumerate(self.workers)
-            ]
+            self.pending_acks = self._object_store_update(version, range(len(self.workers)))
         if wait and self._collect_acks():  # on-policy: every worker must have this version
             if self.faults["weight_sync_failures"] > self.cfg.max_worker_restarts:
                 raise RuntimeError(
@@ -213,6 +191,24 @@ class Orchestrator:
                 )
             return time.monotonic() - t0 + self.sync_weights(version, wait)
         return time.monotonic() - t0
+
+    def _object_store_update(self, version: int, workers) -> list[tuple[int, list]]:
+        """The learner publishes its weights to the object store; each of `workers` (indices)
+        fetches them. Returns (worker, acknowledgement refs) pairs."""
+        refs = self.learner_get(
+            [a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners],
+            "weight publishing",
+        )[0]
+        return [
+            (
+                w,
+                [
+                    self.workers[w].receive_weights.remote(ref, version, i == len(refs) - 1)
+                    for i, ref in enumerate(refs)
+                ],
+            )
+            for w in workers
+        ]
 
     def _broadcast_weights(self, version: int) -> None:
         """weight_sync.method=collective: learner rank 0 broadcasts to the workers' group. Dead
