@@ -438,13 +438,15 @@ def test_unknown_backend_is_named() -> None:
 
 
 def test_without_bwrap_limits_and_kills_still_hold() -> None:
-    """use_bwrap=False, with shell commands (this interpreter may live where `nobody` cannot go).
-    Each check gets a fresh sandbox: without bwrap's pid namespace, killed orphans are reaped
-    by the host's init, and until then they count against the group's pids.max."""
+    """use_bwrap=False (so allow_unisolated), with shell commands (this interpreter may live
+    where `nobody` cannot go). Each check gets a fresh sandbox: without bwrap's pid namespace,
+    killed orphans are reaped by the host's init, and until then they count against the group's
+    pids.max."""
     require("cgroups", os.geteuid() != 0 or cgroups_available(), "needs a pids cgroup as root")
     marker = f"{2000 + secrets.randbelow(10**6)}.{secrets.randbelow(10**6)}"
     limits = SandboxLimits(max_processes=20, max_output_bytes=MiB)
-    with LocalSandbox(limits, use_bwrap=False) as sandbox:
+    unisolated = {"use_bwrap": False, "allow_unisolated": True}
+    with LocalSandbox(limits, **unisolated) as sandbox:
         assert sandbox.workdir == sandbox.host_dir
         if os.geteuid() == 0:
             assert sandbox.exec("id -u", timeout=5).stdout.strip() != b"0"
@@ -453,7 +455,7 @@ def test_without_bwrap_limits_and_kills_still_hold() -> None:
         )
         started = len(sandbox.read_file("started").split())
         assert b"Cannot fork" in result.stderr and 1 <= started < 20, (started, result)
-    with LocalSandbox(limits, use_bwrap=False) as sandbox:
+    with LocalSandbox(limits, **unisolated) as sandbox:
         start = time.monotonic()
         result = sandbox.exec(
             f"(setsid sleep {marker} &); sleep 0.3; "
@@ -463,25 +465,28 @@ def test_without_bwrap_limits_and_kills_still_hold() -> None:
         assert result.stdout == b"running\n"
         assert result.killed_reason == "timeout" and time.monotonic() - start < 5
         assert host_processes_with(marker) == []
-    with LocalSandbox(limits, use_bwrap=False) as sandbox:
+    with LocalSandbox(limits, **unisolated) as sandbox:
         result = sandbox.exec("yes", timeout=10)
         assert result.killed_reason == "output_limit" and len(result.stdout) == MiB
 
 
 @pytest.mark.parametrize("backend", ["local", "forkserver"])
 def test_without_cgroups_rlimit_and_namespace_still_contain(backend: str) -> None:
-    """No cgroups: RLIMIT_NPROC (programs run unprivileged) limits processes, and leftovers die
-    with the pid namespace (local) or by the server's kill(-1) sweep as `nobody` (fork server)."""
+    """No cgroups (so allow_unisolated): RLIMIT_NPROC (programs run unprivileged) limits
+    processes, and leftovers die with the pid namespace (local) or by the server's kill(-1) sweep
+    as `nobody` (fork server)."""
     require_bwrap()
     if backend == "forkserver" and forkserver_unavailable_reason() is not None:
         require("bwrap", False, forkserver_unavailable_reason())
     limits = SandboxLimits(memory_mb=256, max_processes=20, max_output_bytes=MiB)
-    server = ForkServer(limits, use_cgroups=False) if backend == "forkserver" else None
+    server = None
+    if backend == "forkserver":
+        server = ForkServer(limits, use_cgroups=False, allow_unisolated=True)
 
     def run(code: str, timeout: float = 10) -> ExecResult:
         if server is not None:
             return server.run(code, timeout=timeout)
-        with LocalSandbox(limits, use_cgroups=False) as sandbox:
+        with LocalSandbox(limits, use_cgroups=False, allow_unisolated=True) as sandbox:
             assert sandbox._cgroups is None
             sandbox.write_file("main.py", code)
             return sandbox.exec(["python3", "main.py"], timeout=timeout)

@@ -29,6 +29,17 @@ class SandboxError(RuntimeError):
     never a verdict on the program."""
 
 
+class IsolationError(SandboxError):
+    """A sandbox refused to start because an isolation layer it promises is missing here.
+
+    `layers` names them ("bubblewrap", "cgroups", "uid"); the message says what is missing, how
+    to get it, and that `allow_unisolated` runs without it anyway."""
+
+    def __init__(self, message: str, layers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.layers = layers
+
+
 @dataclass
 class ExecResult:
     """The outcome of one `Sandbox.exec`.

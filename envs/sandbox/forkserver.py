@@ -9,9 +9,20 @@ setuid/setgid/kill/dac_override/fowner/chown) feeds stdin, caps the output and k
 run group at the deadline, as the local backend does. A program cannot signal the server
 (different uid), see other sandboxes (own pid namespace) or reach the network.
 
+Isolation: the same layers as the local backend (see local.py). Root and bubblewrap are
+required outright (the design rests on them: `forkserver_unavailable_reason`); a pids + memory
+cgroup (v1 or v2) is required unless `allow_unisolated=True`, and without one processes are
+bounded by RLIMIT_NPROC of `nobody` and leftovers killed by a kill(-1) sweep as `nobody`.
+Cgroups: the server's group (`CgroupSet`, label "fs") holds two children, "server" (bubblewrap
+and the server) and "run" (each program; limits set per run); cgroup v2 allows controlled
+children only under a group without processes of its own, hence the split. On v2 the server
+keeps the host's cgroup namespace: with nsdelegate (systemd's mount) a process may move others
+only between groups inside its namespace, and "run" is not inside "server".
+
 The client (`ForkServer`) talks to the server over its stdin/stdout pipes with length-prefixed
 frames: a JSON header plus raw byte blobs. The server's code is sent over that pipe at start-up
-(this file and the sandbox modules it uses), so no project file is visible inside.
+(this file and the sandbox modules it uses, all stdlib-only), so no project file is visible
+inside.
 """
 
 from __future__ import annotations
@@ -31,15 +42,19 @@ import types
 from collections.abc import Sequence
 
 from envs.sandbox.base import ExecResult, SandboxError, SandboxLimits
-from envs.sandbox.cgroups import CgroupSet, cgroups_available, kill_pids_in, write_value
+from envs.sandbox.cgroups import CgroupSet, cgroups_unavailable_reason, write_value
 from envs.sandbox.local import (
+    BWRAP_MISSING,
     MEMORY_SLACK_MB,
     bwrap_argv,
     bwrap_path,
+    cgroup_gap,
     cpu_limit_seconds,
     killed_reason,
     nobody_ids,
     pump,
+    require_isolation,
+    uid_gap,
 )
 
 # Modules a typical test program imports; imported once in the server, shared by every child.
@@ -112,11 +127,10 @@ def serve(config: dict) -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     os.close(devnull)
-    groups = {}
-    for controller, path in config["cgroups"].items():
-        run_group = os.path.join(path, "run")
-        os.makedirs(run_group, exist_ok=True)
-        groups[controller] = run_group
+    group = None  # the programs' cgroup ("run", made by the client), None without cgroups
+    if config["cgroups"]:
+        version, controllers = config["cgroup_version"], tuple(config["controllers"])
+        group = CgroupSet.attach(version, config["cgroups"], controllers).child("run")
     write_frame(replies_fd, {"ready": True, "pid": os.getpid()})
     counter = 0
     while True:
@@ -126,14 +140,14 @@ def serve(config: dict) -> None:
             return
         counter += 1
         try:
-            reply, out = _serve_run(request, blobs, config, groups, counter)
+            reply, out = _serve_run(request, blobs, config, group, counter)
         except Exception as e:  # an infrastructure failure: report it, keep serving
             reply, out = {"error": f"{type(e).__name__}: {e}"}, []
         write_frame(replies_fd, reply, out)
 
 
 def _serve_run(
-    request: dict, blobs: list[bytes], config: dict, groups: dict, counter: int
+    request: dict, blobs: list[bytes], config: dict, group: CgroupSet | None, counter: int
 ) -> tuple[dict, list[bytes]]:
     program, stdin_data = blobs
     limits = request["limits"]
@@ -142,13 +156,11 @@ def _serve_run(
     run_dir = os.path.join(RUNS_DIR, str(counter))
     os.mkdir(run_dir, 0o700)
     os.chown(run_dir, uid, gid)
-    if "pids" in groups:
-        write_value(os.path.join(groups["pids"], "pids.max"), str(limits["max_processes"]))
-    if "memory" in groups:
+    if group is not None:
         memory_bytes = (limits["memory_mb"] + MEMORY_SLACK_MB) * 1024 * 1024
-        write_value(os.path.join(groups["memory"], "memory.limit_in_bytes"), str(memory_bytes))
-    procs_files = [os.path.join(g, "cgroup.procs") for g in groups.values()]
-    oom_before = _oom_kills(groups)
+        group.set_limits(limits["max_processes"], memory_bytes)
+    join_files = group.join_files() if group is not None else []
+    oom_before = group.oom_kills() if group is not None else 0
     stdin_r, stdin_w = os.pipe()
     stdout_r, stdout_w = os.pipe()
     stderr_r, stderr_w = os.pipe()
@@ -169,8 +181,8 @@ def _serve_run(
             timeout,
             uid,
             gid,
-            procs_files,
-            nproc="pids" not in groups,
+            join_files,
+            nproc=group is None or not group.has_pids,
         )
     for fd in (stdin_r, stdout_w, stderr_w, setup_w):
         os.close(fd)
@@ -180,8 +192,8 @@ def _serve_run(
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        if procs_files:
-            kill_pids_in(procs_files)
+        if group is not None:
+            group.kill_all()
         else:
             _kill_all_of_uid(uid)
 
@@ -210,7 +222,7 @@ def _serve_run(
     reason = killed_reason(
         pumped.stop_reason,
         exit_code,
-        oom_killed=_oom_kills(groups) > oom_before,
+        oom_killed=group is not None and group.oom_kills() > oom_before,
         cpu_used_s=usage.ru_utime + usage.ru_stime,
         cpu_limit_s=cpu_limit_seconds(SandboxLimits(cpu_s=limits["cpu_s"]), timeout),
     )
@@ -234,7 +246,7 @@ def _child(
     timeout: float,
     uid: int,
     gid: int,
-    procs_files: list[str],
+    join_files: list[str],
     nproc: bool,
 ) -> None:
     """Forked per run: contain, then run the program as __main__, then _exit."""
@@ -242,7 +254,7 @@ def _child(
 
     try:
         os.setsid()
-        for path in procs_files:
+        for path in join_files:
             write_value(path, "0")
         for target, fd in enumerate(fds):  # stdin, stdout, stderr, set-up errors (fd 3)
             os.dup2(fd, target)
@@ -332,17 +344,6 @@ def _kill_all_of_uid(uid: int) -> None:
     os.waitpid(helper, 0)
 
 
-def _oom_kills(groups: dict) -> int:
-    if "memory" not in groups:
-        return 0
-    with open(os.path.join(groups["memory"], "memory.oom_control")) as f:
-        for line in f:
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-    return 0
-
-
 def _read_all(fd: int) -> str:
     """Everything in a pipe whose writers are gone; closes it."""
     chunks = []
@@ -396,12 +397,23 @@ _SERVER_MODULES = (
 )
 
 
-def forkserver_unavailable_reason() -> str | None:
-    """None where a fork server can run here, else why not (it needs root and bubblewrap)."""
+def forkserver_unavailable_reason(allow_unisolated: bool = False) -> str | None:
+    """None where a fork server can run here, else why not: it needs root, bubblewrap and the
+    uid drop, and (unless `allow_unisolated`) a pids + memory cgroup."""
     if os.geteuid() != 0:
-        return "the fork server drops programs to an unprivileged uid, which needs root"
+        return (
+            "the fork server drops programs to an unprivileged uid, which needs root (as a "
+            "normal user, use the local backend)"
+        )
     if bwrap_path() is None:
-        return "bubblewrap is not installed (apt-get install bubblewrap)"
+        return BWRAP_MISSING
+    gap = uid_gap(*nobody_ids(), via_setpriv=False)
+    if gap is not None:
+        return gap.missing
+    if not allow_unisolated:
+        reason = cgroups_unavailable_reason()
+        if reason is not None:
+            return f"{reason} (or allow_unisolated=True)"
     return None
 
 
@@ -417,13 +429,17 @@ class ForkServer:
         *,
         preload: Sequence[str] = DEFAULT_PRELOAD,
         use_cgroups: bool = True,
+        allow_unisolated: bool = False,
     ) -> None:
-        reason = forkserver_unavailable_reason()
+        reason = forkserver_unavailable_reason(allow_unisolated=True)
         if reason is not None:
             raise SandboxError(f"fork server unavailable: {reason}")
+        gap = cgroup_gap(use_cgroups, cgroups_unavailable_reason() if use_cgroups else None)
+        require_isolation("fork server", [gap] if gap is not None else [], allow_unisolated)
         self.limits = limits or SandboxLimits()
         self.preload = tuple(preload)
-        self.use_cgroups = use_cgroups and cgroups_available()
+        self.allow_unisolated = allow_unisolated
+        self.use_cgroups = gap is None
         self._proc: subprocess.Popen | None = None
         self._cgroups: CgroupSet | None = None
         self._lock = threading.Lock()
@@ -442,14 +458,14 @@ class ForkServer:
         uid, gid = nobody_ids()
         binds: list[tuple[str, str]] = []
         cgroup_dirs: dict[str, str] = {}
+        version = 1
         if self.use_cgroups:
-            self._cgroups = CgroupSet(
-                self.limits.max_processes + SERVER_EXTRA_PROCESSES, None, label="fs"
-            )
-            for controller, path in self._cgroups.dirs.items():
-                inside = f"{CGROUP_MOUNT}/{controller}"
+            self._cgroups = self._make_cgroups()
+            version = self._cgroups.version
+            for key, path in self._cgroups.dirs.items():  # "pids"/"memory" (v1), "unified" (v2)
+                inside = f"{CGROUP_MOUNT}/{key}"
                 binds.append((path, inside))
-                cgroup_dirs[controller] = inside
+                cgroup_dirs[key] = inside
         argv = bwrap_argv(
             None,
             uid=None,
@@ -459,10 +475,18 @@ class ForkServer:
             extra_binds=tuple(binds),
             writable_tmpfs=(RUNS_DIR,),
             die_with_parent=False,  # it ends on EOF from us instead (see serve)
+            unshare_cgroup=version == 1,  # v2: see the module doc
         )
-        config = {"uid": uid, "gid": gid, "cgroups": cgroup_dirs, "preload": list(self.preload)}
+        config = {
+            "uid": uid,
+            "gid": gid,
+            "cgroups": cgroup_dirs,
+            "cgroup_version": version,
+            "controllers": list(self._cgroups.controllers) if self._cgroups else [],
+            "preload": list(self.preload),
+        }
         argv += ["--chdir", "/", sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(config)]
-        procs_fds = self._cgroups.open_procs_fds() if self._cgroups else []
+        procs_fds = self._cgroups.child("server").open_procs_fds() if self._cgroups else []
 
         def join_cgroups() -> None:
             for fd in procs_fds:
@@ -494,6 +518,19 @@ class ForkServer:
         if not header.get("ready"):
             self._stop()
             raise SandboxError(f"the fork server did not start: {header}")
+
+    def _make_cgroups(self) -> CgroupSet:
+        """The server's groups, with "server" and "run" children; SandboxError where the host
+        lost them since the constructor checked."""
+        try:
+            return CgroupSet(
+                self.limits.max_processes + SERVER_EXTRA_PROCESSES,
+                None,
+                label="fs",
+                children=("server", "run"),
+            )
+        except (OSError, RuntimeError) as e:
+            raise SandboxError(f"could not make the fork server's cgroups: {e}") from e
 
     def run(
         self,
@@ -598,15 +635,16 @@ def _module_source(name: str) -> str:
         return f.read()
 
 
-_shared: ForkServer | None = None
+_shared: dict[bool, ForkServer] = {}  # by allow_unisolated
 _shared_lock = threading.Lock()
 
 
-def shared_forkserver() -> ForkServer:
-    """This process's fork server, made on first use (SandboxError where unavailable)."""
-    global _shared
+def shared_forkserver(allow_unisolated: bool = False) -> ForkServer:
+    """This process's fork server, made on first use (SandboxError where unavailable;
+    IsolationError where it lacks its cgroups and not `allow_unisolated`)."""
     with _shared_lock:
-        if _shared is None:
-            _shared = ForkServer()
-            atexit.register(_shared.close)
-        return _shared
+        server = _shared.get(allow_unisolated)
+        if server is None:
+            server = _shared[allow_unisolated] = ForkServer(allow_unisolated=allow_unisolated)
+            atexit.register(server.close)
+        return server

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One-time host set-up for the sandboxes, as root, on a Linux host without a Docker engine:
-#   - installs podman + runc (the docker backend, through Podman's Docker-compatible API) and
-#     bubblewrap (the local backend);
+#   - installs bubblewrap and setpriv (util-linux) for the local backend and the fork server,
+#     and checks that the pids and memory cgroup controllers (v1 or v2) are there;
+#   - installs podman + runc (the docker backend, through Podman's Docker-compatible API);
 #   - writes a containers.conf for the service (runc, cgroupfs, modest default ulimits);
 #   - starts `podman system service` on a unix socket in the background unless one answers;
 #   - builds the base image(s) if missing (python -m envs.sandbox.images).
 # Idempotent: a second run only checks (about a second). Prints the DOCKER_HOST to export.
 #
 #   sudo envs/sandbox/host_setup.sh [--debian]   # --debian: also build cwm-rl/debian:bookworm
+#   sudo envs/sandbox/host_setup.sh --local      # only what the local backend needs, no podman
 #   eval "$(envs/sandbox/host_setup.sh --print-env)"   # only print the export line
 #
 # Environment: CWM_RL_PODMAN_SOCKET (default /run/podman/podman.sock), PYTHON (default: the
@@ -21,9 +23,11 @@ CONF="$CONF_DIR/containers.conf"
 LOG=/var/log/cwm-rl-podman.log
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 IMAGE_ARGS=()
+LOCAL_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --debian) IMAGE_ARGS+=(--debian) ;;
+        --local) LOCAL_ONLY=1 ;;
         --print-env) echo "export DOCKER_HOST=unix://$SOCKET"; exit 0 ;;
         -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "host_setup.sh: unknown argument $arg" >&2; exit 2 ;;
@@ -36,14 +40,17 @@ if [[ $(id -u) -ne 0 ]]; then
     say "must run as root (it installs packages and serves Podman as root)"; exit 1
 fi
 
-# 1. Packages, only when something is missing.
+# 1. Packages, only when something is missing (the local backend's error messages name these).
 packages=()
-command -v podman >/dev/null || packages+=(podman)
-command -v runc >/dev/null || packages+=(runc)
 command -v bwrap >/dev/null || packages+=(bubblewrap)
-command -v curl >/dev/null || packages+=(curl)
-if [[ " ${IMAGE_ARGS[*]-} " == *" --debian "* ]] && ! command -v mmdebstrap >/dev/null; then
-    packages+=(mmdebstrap)
+command -v setpriv >/dev/null || packages+=(util-linux)
+if ((!LOCAL_ONLY)); then
+    command -v podman >/dev/null || packages+=(podman)
+    command -v runc >/dev/null || packages+=(runc)
+    command -v curl >/dev/null || packages+=(curl)
+    if [[ " ${IMAGE_ARGS[*]-} " == *" --debian "* ]] && ! command -v mmdebstrap >/dev/null; then
+        packages+=(mmdebstrap)
+    fi
 fi
 if ((${#packages[@]})); then
     if ! command -v apt-get >/dev/null; then
@@ -53,6 +60,34 @@ if ((${#packages[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+# The local backend's cgroups (envs/sandbox/cgroups.py): pids and memory, v1 or v2. Only a
+# check: the sandboxes make their groups themselves (this shell's group stands in for the run's).
+check_cgroups() {
+    local root=/sys/fs/cgroup c own available
+    if [[ -f $root/cgroup.controllers ]]; then
+        own=$(awk -F: '$1 == "0" { print $3 }' /proc/self/cgroup)
+        available=" $(cat "$root${own%/}/cgroup.controllers" 2>/dev/null) "
+        for c in pids memory; do
+            if [[ $available != *" $c "* ]]; then
+                say "warning: cgroup v2 controller $c is not enabled for group $own (enable it in" \
+                    "the parent's cgroup.subtree_control); the local sandbox refuses to run without it"
+            fi
+        done
+    else
+        for c in pids memory; do
+            if [[ ! -e $root/$c/cgroup.procs ]]; then
+                say "warning: no cgroup v1 $c controller at $root/$c (mount -t cgroup -o $c cgroup" \
+                    "$root/$c, or boot with cgroup v2); the local sandbox refuses to run without it"
+            fi
+        done
+    fi
+}
+check_cgroups
+if ((LOCAL_ONLY)); then
+    say "local backend ready: $(command -v bwrap), $(command -v setpriv)"
+    exit 0
 fi
 
 # 2. containers.conf for the service (rewritten each run so edits here take effect).

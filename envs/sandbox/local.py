@@ -1,19 +1,24 @@
 """The `local` sandbox: a temp work dir and limited processes on this machine.
 
-Containment, layer by layer (every layer that the host allows is used):
-- resource limits set in the child before exec: CPU seconds, address space, file size, open
-  files, no core dumps; own session, so the whole process group can be killed;
-- a cgroup per sandbox (cgroup v1 `pids` and `memory` controllers, made under this process's
-  own group): pids.max is a process limit that binds root too, memory.limit_in_bytes caps the
-  sandbox as a whole, and cgroup.procs lists every process to kill, double-forked daemons
-  included;
-- an unprivileged uid: as root, the program runs as `nobody` (RLIMIT_NPROC binds, root's files
-  and processes are out of reach);
-- bubblewrap where installed (the default then): new pid, net, ipc and uts namespaces (no
-  network: the host's loopback is out of reach too; when the sandbox's pid 1 dies every
-  process in it dies),
-  read-only /usr, /etc and Python prefix, a private /tmp, and the work dir as the only
-  writable place, seen inside as /sandbox.
+The isolation it promises, layer by layer. Each layer the host lacks makes the sandbox refuse to
+start (`IsolationError`, naming the layer and how to get it) unless it is told
+`allow_unisolated=True`; then it runs with what is there and logs a warning once.
+- bubblewrap (required, as root or not): new pid, net, ipc and uts namespaces (no network: the
+  host's loopback is out of reach too; when the sandbox's pid 1 dies every process in it dies),
+  read-only /usr, /etc and Python prefix, a private /tmp, and the work dir as the only writable
+  place, seen inside as /sandbox. The program sees no other file of the host: not the
+  repository, not /tmp, not other sandboxes' work dirs (hidden tests, oracle patches).
+- a cgroup per sandbox (required: the `pids` and `memory` controllers, cgroup v1 or v2; see
+  cgroups.py): pids.max is a process limit that binds root too, the memory limit caps the
+  sandbox as a whole, and the group lists every process to kill, double-forked daemons included.
+- an unprivileged uid (required as root): the program runs as `nobody` (or `run_as`), so root's
+  files and processes are out of reach and RLIMIT_NPROC binds. Needs CAP_SETUID/CAP_SETGID, the
+  uid mapped in this user namespace, and `setpriv` (util-linux) under bubblewrap. Not root (a
+  laptop user), there is nothing to drop: programs run as the calling user inside bubblewrap's
+  user namespace, and reach what bubblewrap binds.
+- always (no host requirement): resource limits set in the child before exec (CPU seconds,
+  address space, file size, open files, no core dumps; RLIMIT_NPROC where no pids cgroup binds)
+  and its own session, so the whole process group can be killed.
 Output is read incrementally and capped; the wall-clock deadline kills everything. Nothing an
 `exec` started survives it.
 """
@@ -21,6 +26,7 @@ Output is read incrementally and capped; the wall-clock deadline kills everythin
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import pwd
@@ -43,12 +49,15 @@ from envs.sandbox.base import (
     KILLED_OUTPUT,
     KILLED_TIMEOUT,
     ExecResult,
+    IsolationError,
     Sandbox,
     SandboxError,
     SandboxLimits,
     check_relative_path,
 )
-from envs.sandbox.cgroups import CgroupSet
+from envs.sandbox.cgroups import CgroupSet, CgroupUnavailable
+
+logger = logging.getLogger(__name__)
 
 SANDBOX_WORKDIR = "/sandbox"  # the work dir as programs see it under bubblewrap
 DRAIN_GRACE_S = 2.0  # after the program ends, how long to wait for its pipes to close
@@ -66,6 +75,139 @@ def nobody_ids() -> tuple[int, int]:
 def bwrap_path() -> str | None:
     """The bubblewrap binary, or None where it is not installed."""
     return shutil.which("bwrap")
+
+
+def setpriv_path() -> str | None:
+    """util-linux's setpriv (drops the uid inside bubblewrap), or None."""
+    found = shutil.which("setpriv")
+    if found is None and os.path.exists("/usr/bin/setpriv"):
+        found = "/usr/bin/setpriv"
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation checks (shared with the fork server)
+
+SETUP_SCRIPT_HINT = "sudo bash envs/sandbox/host_setup.sh --local"
+BWRAP_MISSING = f"bubblewrap is not installed: apt-get install bubblewrap (or {SETUP_SCRIPT_HINT})"
+UNISOLATED_HINT = (
+    "To run without it anyway, set allow_unisolated: true in the env's sandbox config "
+    "(allow_unisolated=True)"
+)
+USERNS_HINT = (
+    " (as a normal user bubblewrap needs unprivileged user namespaces: sysctl -w "
+    "kernel.unprivileged_userns_clone=1, or on Ubuntu 24.04+ "
+    "kernel.apparmor_restrict_unprivileged_userns=0)"
+)
+CAP_SETGID, CAP_SETUID = 6, 7
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class IsolationGap:
+    """A layer the host lacks: `missing` says what and how to get it, `risk` what a program can
+    then do."""
+
+    layer: str  # "bubblewrap" | "cgroups" | "uid"
+    missing: str
+    risk: str
+
+
+def bwrap_gap(use_bwrap: bool | None = None) -> IsolationGap | None:
+    """bubblewrap: installed, and not turned off."""
+    if use_bwrap is False:
+        missing = "bubblewrap is turned off (use_bwrap=False)"
+    elif bwrap_path() is None:
+        missing = BWRAP_MISSING
+    else:
+        return None
+    risk = "programs see the host's files (other tasks' hidden tests, oracle patches) and network"
+    return IsolationGap("bubblewrap", missing, risk)
+
+
+def cgroup_gap(use_cgroups: bool, reason: str | None) -> IsolationGap | None:
+    """The pids + memory cgroup: `reason` is why none could be made (None: it was made)."""
+    if not use_cgroups:
+        reason = "cgroups are turned off (use_cgroups=False)"
+    if reason is None:
+        return None
+    risk = "processes and memory are bounded only per uid and per process (rlimits)"
+    return IsolationGap("cgroups", reason, risk)
+
+
+def uid_gap(uid: int | None, gid: int | None, *, via_setpriv: bool) -> IsolationGap | None:
+    """As root, whether programs can be dropped to `uid`/`gid`; not root, nothing to drop."""
+    if os.geteuid() != 0:
+        return None
+    missing = None
+    caps = _effective_caps()
+    if not uid or not gid:
+        missing = "run_as=0 keeps programs root: leave run_as unset (nobody) or give another uid"
+    elif caps is not None and not (caps >> CAP_SETUID & 1 and caps >> CAP_SETGID & 1):
+        missing = (
+            "this root process lacks CAP_SETUID/CAP_SETGID (a container that dropped them): give "
+            "them back (docker/podman run --cap-add SETUID --cap-add SETGID) or run as a user"
+        )
+    elif not (_id_mapped(uid, "/proc/self/uid_map") and _id_mapped(gid, "/proc/self/gid_map")):
+        missing = (
+            f"uid {uid} / gid {gid} is not mapped in this user namespace (/proc/self/uid_map: a "
+            "rootless container): pass run_as=<a mapped uid>, or run as a normal user"
+        )
+    elif via_setpriv and setpriv_path() is None:
+        missing = (
+            "setpriv is not installed (it drops the uid inside bubblewrap): apt-get install "
+            f"util-linux (or {SETUP_SCRIPT_HINT})"
+        )
+    if missing is None:
+        return None
+    return IsolationGap("uid", missing, "programs run as root")
+
+
+def _effective_caps() -> int | None:
+    """This process's effective capability mask (CapEff), or None where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _id_mapped(number: int, map_file: str) -> bool:
+    """Whether `number` is inside this user namespace's uid/gid map (True where unreadable)."""
+    try:
+        with open(map_file) as f:
+            ranges = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return True
+    return any(start <= number < start + count for start, _, count in ranges)
+
+
+def require_isolation(what: str, gaps: list[IsolationGap], allow_unisolated: bool) -> None:
+    """Raise IsolationError naming the missing layers, or with `allow_unisolated` warn (once
+    per process and message) and go on."""
+    if not gaps:
+        return
+    layers = tuple(gap.layer for gap in gaps)
+    if not allow_unisolated:
+        missing = "; ".join(gap.missing for gap in gaps)
+        raise IsolationError(
+            f"the {what} refuses to run untrusted code without the isolation it promises: "
+            f"{missing}. {UNISOLATED_HINT}",
+            layers,
+        )
+    message = (
+        f"the {what} runs untrusted code WITHOUT {', '.join(layers)} (allow_unisolated=True): "
+        + "; ".join(f"{gap.missing} [{gap.risk}]" for gap in gaps)
+    )
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    logger.warning(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,19 +342,22 @@ def bwrap_argv(
     extra_binds: tuple[tuple[str, str], ...] = (),
     writable_tmpfs: tuple[str, ...] = (),
     die_with_parent: bool = True,
+    unshare_cgroup: bool = True,
 ) -> list[str]:
     """The bubblewrap prefix: read-only system and Python, private /tmp, `workdir` bound at
     /sandbox. As root (no user namespace, so the uid can still be dropped) every capability is
     dropped except `keep_caps`, and `setpriv` switches to `uid`/`gid` before the command runs;
-    as a normal user a user namespace is made instead."""
+    as a normal user a user namespace is made instead. `unshare_cgroup=False` keeps the host's
+    cgroup namespace (a server that moves its children between its cgroup v2 groups needs it)."""
     bwrap = bwrap_path()
     if bwrap is None:
-        raise SandboxError("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+        raise IsolationError(BWRAP_MISSING, ("bubblewrap",))
     # --die-with-parent ties the sandbox to the *thread* that started it (PR_SET_PDEATHSIG):
     # right for one exec, wrong for a long-lived server started from a worker thread.
     argv = [bwrap, "--new-session"] + (["--die-with-parent"] if die_with_parent else [])
     argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
-    argv += ["--unshare-cgroup-try"]
+    if unshare_cgroup:
+        argv += ["--unshare-cgroup-try"]
     if os.geteuid() == 0:
         argv += ["--cap-drop", "ALL"]
         for cap in keep_caps:
@@ -240,7 +385,7 @@ def bwrap_argv(
     if workdir is not None:
         argv += ["--bind", workdir, SANDBOX_WORKDIR, "--chdir", SANDBOX_WORKDIR]
     if os.geteuid() == 0 and uid is not None:
-        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        setpriv = setpriv_path() or "/usr/bin/setpriv"
         argv += [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
     return argv
 
@@ -344,11 +489,14 @@ def exit_status(returncode: int, via_bwrap: bool) -> int:
 
 
 class LocalSandbox(Sandbox):
-    """A temp work dir on this machine; each `exec` runs under the limits described above.
+    """A temp work dir on this machine; each `exec` runs under the layers described above.
 
-    use_bwrap: None = wherever bwrap is installed; True = required (SandboxError without it).
-    run_as: the uid to run programs as when this process is root (default `nobody`).
-    use_cgroups: make a pids/memory cgroup per sandbox where the host allows it.
+    use_bwrap: None = required (used where installed when `allow_unisolated`); True = required
+    even then; False = not used (needs `allow_unisolated`).
+    run_as: the uid (and gid) to run programs as when this process is root (default `nobody`).
+    use_cgroups: a pids + memory cgroup per sandbox; False needs `allow_unisolated`.
+    allow_unisolated: run even where a layer is missing (warned once) instead of raising
+    IsolationError; programs may then read the host's files, hidden tests included.
     """
 
     def __init__(
@@ -358,17 +506,16 @@ class LocalSandbox(Sandbox):
         use_bwrap: bool | None = None,
         run_as: int | None = None,
         use_cgroups: bool = True,
+        allow_unisolated: bool = False,
         env: dict[str, str] | None = None,
         base_dir: str | None = None,
     ) -> None:
+        self._closed = True  # until set up: close() has nothing to do
+        self._cgroups: CgroupSet | None = None
         self.limits = limits or SandboxLimits()
-        if use_bwrap is None:
-            use_bwrap = bwrap_path() is not None
-        elif use_bwrap and bwrap_path() is None:
-            raise SandboxError(
-                "use_bwrap=True but bwrap is not installed (apt-get install bubblewrap)"
-            )
-        self.use_bwrap = use_bwrap
+        if use_bwrap and bwrap_path() is None:
+            raise IsolationError(f"use_bwrap=True but {BWRAP_MISSING}", ("bubblewrap",))
+        self.use_bwrap = use_bwrap is not False and bwrap_path() is not None
         self.is_root = os.geteuid() == 0
         if self.is_root:
             nobody_uid, nobody_gid = nobody_ids()
@@ -376,25 +523,40 @@ class LocalSandbox(Sandbox):
             self.gid: int | None = nobody_gid if run_as is None else run_as
         else:
             self.uid = self.gid = None
-        self._host_dir = tempfile.mkdtemp(prefix="cwm-sandbox-", dir=base_dir)
+        cgroup_problem = self._make_cgroups() if use_cgroups else None
+        gaps = [
+            gap
+            for gap in (
+                bwrap_gap(use_bwrap),
+                uid_gap(self.uid, self.gid, via_setpriv=self.use_bwrap),
+                cgroup_gap(use_cgroups, cgroup_problem),
+            )
+            if gap is not None
+        ]
+        try:
+            require_isolation("local sandbox", gaps, allow_unisolated)
+            self._host_dir = tempfile.mkdtemp(prefix="cwm-sandbox-", dir=base_dir)
+        except BaseException:
+            if self._cgroups is not None:
+                self._cgroups.remove()
+            raise
+        self.isolation_gaps = tuple(gap.layer for gap in gaps)  # what this sandbox runs without
+        self._closed = False
         if self.uid is not None:
             os.chown(self._host_dir, self.uid, self.gid)
-        self.workdir = SANDBOX_WORKDIR if use_bwrap else self._host_dir
+        self.workdir = SANDBOX_WORKDIR if self.use_bwrap else self._host_dir
         self._env = sandbox_env(self.workdir, env)
-        self._cgroups: CgroupSet | None = None
-        if use_cgroups:
-            try:
-                self._cgroups = CgroupSet(self.limits.max_processes, self._memory_bytes())
-            except OSError:
-                self._cgroups = None
-            if self._cgroups is not None and not self._cgroups.dirs:
-                self._cgroups = None
-        if self.is_root and (self._cgroups is None or not self._cgroups.has_pids):
-            if self.uid == 0:
-                self.close()
-                raise SandboxError("running as root without a pids cgroup: no process limit binds")
         self._lock = threading.Lock()
-        self._closed = False
+
+    def _make_cgroups(self) -> str | None:
+        """Make this sandbox's pids + memory cgroup; None, or why it could not be made."""
+        try:
+            self._cgroups = CgroupSet(self.limits.max_processes, self._memory_bytes())
+        except CgroupUnavailable as e:
+            return str(e)
+        except OSError as e:
+            return f"could not make the sandbox's cgroup: {e}"
+        return None
 
     def _memory_bytes(self) -> int:
         return (self.limits.memory_mb + MEMORY_SLACK_MB) * 1024 * 1024
@@ -513,7 +675,9 @@ class LocalSandbox(Sandbox):
             status_text = _read_all(status_r)
             if reason is None and '"exit-code"' not in status_text:
                 tail = pumped.stderr[-500:].decode("utf-8", errors="replace").strip()
-                raise SandboxError(f"bubblewrap could not set up the sandbox: {tail}")
+                userns = "namespace" in tail or "uid map" in tail
+                hint = USERNS_HINT if userns and not self.is_root else ""
+                raise SandboxError(f"bubblewrap could not set up the sandbox: {tail}{hint}")
         return ExecResult(
             exit_code=exit_code,
             stdout=pumped.stdout,
