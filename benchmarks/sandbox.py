@@ -98,9 +98,32 @@ def run_bare_subprocess(runs) -> float:
     return time.perf_counter() - start
 
 
+FUNCTION_PROGRAM = "def add(a, b):\n    return a + b\n"
+FUNCTION_TESTS = [
+    {
+        "check": "def check(candidate):\n"
+        + "".join(f"    assert candidate({i}, {2 * i}) == {3 * i}\n" for i in range(20)),
+        "entry_point": "add",
+    }
+]
+
+
+def run_function_calls(n: int, backend: str) -> float:
+    """n function-call cases (20 calls each) through run_tests: judge + candidate processes."""
+    from rewards.tests import AC, run_tests
+
+    run_tests(FUNCTION_PROGRAM, FUNCTION_TESTS, backend=backend)  # warm
+    start = time.perf_counter()
+    for _ in range(n):
+        report = run_tests(FUNCTION_PROGRAM, FUNCTION_TESTS, backend=backend)
+        assert report.verdicts == [AC], report
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--function-cases", type=int, default=100)
     args = parser.parse_args()
     reason = forkserver_unavailable_reason()
     if reason is not None:
@@ -125,12 +148,21 @@ def main() -> None:
         )
     speedup = timings["fresh_interpreter"] / timings["forkserver"]
     print(f"\nfork server vs fresh interpreter, same containment: {speedup:.1f}x")
+    n = args.function_cases
+    calls = {b: run_function_calls(n, b) for b in ("forkserver", "local")}
+    print(f"\n{n} function-call cases (judge + candidate, 20 calls each) through run_tests:")
+    for backend, seconds in calls.items():
+        print(f"{backend:32} {seconds:9.2f} {1000 * seconds / n:8.2f} {n / seconds:8.1f}")
+    call_speedup = calls["local"] / calls["forkserver"]
+    print(f"fork server vs local backend, function-call cases: {call_speedup:.1f}x")
     result = {
         "runs": len(runs),
         "forkserver_runs_per_s": round(len(runs) / timings["forkserver"], 1),
         "fresh_interpreter_runs_per_s": round(len(runs) / timings["fresh_interpreter"], 1),
         "bare_subprocess_runs_per_s": round(len(runs) / timings["bare_subprocess"], 1),
         "speedup_vs_fresh_interpreter": round(speedup, 2),
+        "function_cases_per_s": {b: round(n / t, 1) for b, t in calls.items()},
+        "function_case_speedup_vs_local": round(call_speedup, 2),
         "target_speedup": 3.0,
     }
     print("RESULT " + json.dumps(result))

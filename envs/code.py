@@ -52,6 +52,9 @@ class CodeConfig:
     unless `humaneval_split="hash"`.
     reward: "all_pass" (1 if every hidden test passes) or "fraction" (share of tests passed).
     backend: the test sandbox ("forkserver", "local", "docker"; None = the fastest available).
+    allow_unisolated: let the local sandbox / fork server run programs without an isolation
+    layer they promise (bubblewrap, a pids + memory cgroup, the uid drop as root) instead of
+    failing with IsolationError; a warning is logged. Programs may then read the host's files.
     """
 
     source: Literal["humaneval", "jsonl"] = "humaneval"
@@ -68,6 +71,7 @@ class CodeConfig:
     time_limit_s: float = 2.0
     memory_mb: int = 512
     backend: Literal["forkserver", "local", "docker"] | None = None
+    allow_unisolated: bool = False
     float_tol: float | None = None
     early_stop: bool | None = None  # None: stop at the first failure when reward is all_pass
     system_prompt: str | None = None
@@ -198,7 +202,13 @@ def humaneval_tasks(env: str = "code") -> list[Task]:
     for task_id, problem in read_problems().items():
         payload = {
             "problem": problem["prompt"],
-            "tests": [{"check": problem["test"], "entry_point": problem["entry_point"]}],
+            "tests": [
+                {
+                    "check": problem["test"],
+                    "entry_point": problem["entry_point"],
+                    "setup": problem["prompt"],  # helpers the checks call (poly, encode_cyclic)
+                }
+            ],
             "public_tests": [],
             "kind": "function",
             "prefix": problem["prompt"],  # its imports and helpers come before the answer
@@ -318,6 +328,7 @@ class CodeEnv(Environment):
             backend=config.backend,
             early_stop=config.stop_early,
             float_tol=config.float_tol,
+            allow_unisolated=config.allow_unisolated,
         )
         info = {
             "verdicts": report.verdicts,

@@ -3,8 +3,13 @@
 Two kinds of test case:
 - stdin/stdout: `{"input": str, "output": str}`; the program reads the input and its output is
   compared token by token (whitespace-normalised), numbers optionally within `float_tol`;
-- function call (HumanEval style): `{"check": test_code, "entry_point": name}`; the program is
-  executed, then the test code in the same namespace, then `check(<entry_point>)`.
+- function call (HumanEval style): `{"check": test_code, "entry_point": name, "setup": code}`
+  (`setup` optional: trusted code the test code relies on, e.g. HumanEval's prompt with its
+  helpers). The verdict is decided outside the program (rewards/harness.py): the program runs
+  in a process of its own and answers calls of its entry point with plain data; `setup`, the
+  test code and `check(candidate)` run in a judge process it cannot reach, so patching
+  builtins, exiting early, printing markers or returning objects with a custom `__eq__` cannot
+  pass a check. The arguments are copies (a check cannot see the program mutate them).
 
 Verdicts: AC (accepted), WA (wrong answer), TLE (time), MLE (memory), RE (runtime error), and
 SKIP for cases not run after a failure with `early_stop`. A failure of the sandbox itself is
@@ -17,47 +22,20 @@ its tests); None picks the fork server where it can run, else "local".
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from envs.sandbox.base import ExecResult, SandboxError
+from rewards.harness import judge_program
 
 AC, WA, TLE, MLE, RE, SKIP = "AC", "WA", "TLE", "MLE", "RE", "SKIP"
 VERDICTS = (AC, WA, TLE, MLE, RE, SKIP)
 BACKENDS = ("forkserver", "local", "docker")
-ASSERTION_EXIT = 3  # the function-call harness exits with this when an assertion fails
 EXCERPT_CHARS = 300
 MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc")
-
-_HARNESS = """\
-import sys as _cwm_sys
-import traceback as _cwm_traceback
-
-
-def _cwm_run():
-    namespace = {{"__name__": "__solution__"}}
-    exec(compile({solution!r}, "solution.py", "exec"), namespace)
-    exec(compile({check!r}, "check.py", "exec"), namespace)
-    if {entry_point!r} not in namespace:
-        raise NameError("entry point {entry_point} is not defined")
-    namespace["check"](namespace[{entry_point!r}])
-
-
-try:
-    _cwm_run()
-except AssertionError:
-    _cwm_traceback.print_exc()
-    _cwm_sys.stdout.flush()
-    _cwm_sys.exit({assertion_exit})
-except BaseException:
-    _cwm_traceback.print_exc()
-    _cwm_sys.stdout.flush()
-    _cwm_sys.exit(1)
-print()
-print({nonce!r})
-"""
 
 
 @dataclass
@@ -124,7 +102,16 @@ def validate_tests(tests: Sequence[Mapping]) -> list[dict]:
         for key in keys:
             if not isinstance(case.get(key), str):
                 raise ValueError(f"test {index} ({kind}): '{key}' must be a string")
-        checked.append({key: case[key] for key in keys})
+        entry = {key: case[key] for key in keys}
+        if kind == "function-call":
+            if not entry["entry_point"].isidentifier():
+                raise ValueError(
+                    f"test {index}: entry_point {entry['entry_point']!r} is not a name"
+                )
+            if not isinstance(case.get("setup", ""), str):
+                raise ValueError(f"test {index} (function-call): 'setup' must be a string")
+            entry["setup"] = case.get("setup", "")
+        checked.append(entry)
     return checked
 
 
@@ -153,16 +140,16 @@ def outputs_match(actual: str, expected: str, float_tol: float | None = None) ->
     return True
 
 
-def harness_program(solution: str, check: str, entry_point: str, nonce: str) -> str:
-    """The program run for a function-call test: solution, then test code, then check(); the
-    nonce printed last proves the checks ran to the end (an os._exit(0) does not pass)."""
-    return _HARNESS.format(
-        solution=solution,
-        check=check,
-        entry_point=entry_point,
-        nonce=nonce,
-        assertion_exit=ASSERTION_EXIT,
-    )
+def judge_job(solution: str, case: dict, nonce: str) -> str:
+    """The judge's stdin for a function-call case (the program it runs is judge_program())."""
+    job = {
+        "solution": solution,
+        "entry_point": case["entry_point"],
+        "check": case["check"],
+        "setup": case.get("setup", ""),
+        "nonce": nonce,
+    }
+    return json.dumps(job)
 
 
 def _excerpt(data: bytes) -> str:
@@ -189,16 +176,7 @@ def judge(result: ExecResult, case: dict, nonce: str, float_tol: float | None) -
     elif result.killed_reason == "output_limit":
         detail.verdict, detail.message = WA, "output limit exceeded"
     elif "check" in case:
-        lines = result.stdout.decode("utf-8", errors="replace").rstrip().splitlines()
-        finished = bool(lines) and lines[-1] == nonce
-        if result.exit_code == 0 and finished:
-            detail.verdict = AC
-        elif result.exit_code == ASSERTION_EXIT:
-            detail.verdict, detail.message = WA, "assertion failed"
-        elif result.exit_code == 0:
-            detail.verdict, detail.message = WA, "exited before the checks finished"
-        else:
-            detail.verdict, detail.message = RE, f"exit code {result.exit_code}"
+        _judge_verdict(detail, result, nonce)
     elif result.exit_code != 0:
         detail.verdict, detail.message = RE, f"exit code {result.exit_code}"
     elif not outputs_match(
@@ -208,16 +186,42 @@ def judge(result: ExecResult, case: dict, nonce: str, float_tol: float | None) -
     return detail
 
 
+def _judge_verdict(detail: TestCaseResult, result: ExecResult, nonce: str) -> None:
+    """The judge's verdict line (`<nonce> {json}`, its last line); without it, RE."""
+    lines = result.stdout.decode("utf-8", errors="replace").rstrip("\n").split("\n")
+    reported = None
+    if lines and lines[-1].startswith(nonce + " "):
+        try:
+            reported = json.loads(lines[-1][len(nonce) + 1 :])
+        except ValueError:
+            reported = None
+    if not isinstance(reported, dict) or reported.get("verdict") not in (AC, WA, RE, MLE, TLE):
+        if isinstance(reported, dict) and reported.get("verdict") == "ERROR":
+            raise JudgeError(str(reported.get("message")))
+        detail.verdict = RE
+        detail.message = f"the judge gave no verdict (exit code {result.exit_code})"
+        return
+    detail.verdict, detail.message = reported["verdict"], str(reported.get("message", ""))
+    detail.stdout_excerpt = _excerpt("\n".join(lines[:-1]).encode())
+    detail.stderr_excerpt = _excerpt(str(reported.get("log", "")).encode())
+
+
+class JudgeError(RuntimeError):
+    """The function-call judge could not judge (its set-up failed, or the test code is unusable):
+    no verdict on the program, so no reward."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 
 
-def resolve_backend(backend: str | None) -> str:
+def resolve_backend(backend: str | None, allow_unisolated: bool = False) -> str:
     """None -> "forkserver" where it can run here, else "local"."""
     if backend is None:
         from envs.sandbox.forkserver import forkserver_unavailable_reason
 
-        return "forkserver" if forkserver_unavailable_reason() is None else "local"
+        reason = forkserver_unavailable_reason(allow_unisolated)
+        return "forkserver" if reason is None else "local"
     if backend not in BACKENDS:
         raise ValueError(f"unknown test backend {backend!r}; known: {', '.join(BACKENDS)}")
     return backend
@@ -226,10 +230,11 @@ def resolve_backend(backend: str | None) -> str:
 class _SandboxRunner:
     """Runs each case as `python3 main.py` in one sandbox (local or docker) per program."""
 
-    def __init__(self, backend: str, memory_mb: int) -> None:
+    def __init__(self, backend: str, memory_mb: int, allow_unisolated: bool) -> None:
         from envs.sandbox import SandboxLimits, make_sandbox
 
-        self.sandbox = make_sandbox(backend, limits=SandboxLimits(memory_mb=memory_mb))
+        limits = SandboxLimits(memory_mb=memory_mb)
+        self.sandbox = make_sandbox(backend, limits=limits, allow_unisolated=allow_unisolated)
 
     def run(self, program: str, stdin: str, timeout: float) -> ExecResult:
         self.sandbox.write_file("main.py", program)
@@ -240,10 +245,10 @@ class _SandboxRunner:
 
 
 class _ForkServerRunner:
-    def __init__(self, memory_mb: int) -> None:
+    def __init__(self, memory_mb: int, allow_unisolated: bool) -> None:
         from envs.sandbox.forkserver import shared_forkserver
 
-        self.server = shared_forkserver()
+        self.server = shared_forkserver(allow_unisolated)
         self.memory_mb = memory_mb
 
     def run(self, program: str, stdin: str, timeout: float) -> ExecResult:
@@ -261,11 +266,14 @@ def run_tests(
     backend: str | None = None,
     early_stop: bool = False,
     float_tol: float | None = None,
+    allow_unisolated: bool = False,
 ) -> TestReport:
     """Run `program` on every test case; see the module docstring for formats and verdicts.
 
     time_limit_s is the wall-clock limit of each case (CPU seconds are capped at the same
-    value, rounded up); memory_mb the address-space limit of each process.
+    value, rounded up); memory_mb the address-space limit of each process. allow_unisolated
+    lets the local sandbox run where bubblewrap or cgroups are missing (see envs/sandbox/local.py);
+    without it such a host gives an infrastructure error naming what is missing.
     """
     if not isinstance(program, str):
         raise ValueError(f"program must be a string of Python source, got {type(program).__name__}")
@@ -274,15 +282,15 @@ def run_tests(
     if float_tol is not None and float_tol < 0:
         raise ValueError(f"float_tol must be >= 0, got {float_tol}")
     cases = validate_tests(tests)
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, allow_unisolated)
     details: list[TestCaseResult] = []
     infrastructure_error = None
     runner = None
     try:
         runner = (
-            _ForkServerRunner(memory_mb)
+            _ForkServerRunner(memory_mb, allow_unisolated)
             if backend == "forkserver"
-            else _SandboxRunner(backend, memory_mb)
+            else _SandboxRunner(backend, memory_mb, allow_unisolated)
         )
         for case in cases:
             if early_stop and details and details[-1].verdict != AC:
@@ -290,15 +298,16 @@ def run_tests(
                 continue
             nonce = ""
             if "check" in case:
-                nonce = f"cwm-checks-done-{secrets.token_hex(8)}"
-                source = harness_program(program, case["check"], case["entry_point"], nonce)
-                stdin = ""
+                nonce = f"cwm-verdict-{secrets.token_hex(16)}"
+                source, stdin = judge_program(), judge_job(program, case, nonce)
             else:
                 source, stdin = program, case["input"]
             result = runner.run(source, stdin, time_limit_s)
             details.append(judge(result, case, nonce, float_tol))
     except (SandboxError, OSError) as e:
         infrastructure_error = f"{backend} sandbox failed: {type(e).__name__}: {e}"
+    except JudgeError as e:
+        infrastructure_error = f"the function-call judge failed: {e}"
     finally:
         if runner is not None:
             try:

@@ -49,7 +49,13 @@ def problems() -> dict:
 
 
 def check_of(problem: dict) -> list[dict]:
-    return [{"check": problem["test"], "entry_point": problem["entry_point"]}]
+    return [
+        {
+            "check": problem["test"],
+            "entry_point": problem["entry_point"],
+            "setup": problem["prompt"],
+        }
+    ]
 
 
 def test_canonical_solutions_pass(problems: dict) -> None:

@@ -100,9 +100,9 @@ def test_function_call_tests(backend: str) -> None:
         "def add(a, b):\n    return a - b\n": WA,  # assertion fails
         "def add(a, b):\n    return a + undefined\n": RE,
         "def plus(a, b):\n    return a + b\n": RE,  # no entry point
-        "import os\nos._exit(0)\n": WA,  # leaves before the checks: never AC
+        "import os\nos._exit(0)\n": RE,  # leaves before the checks: never AC
         "import sys\nsys.exit(0)\n": RE,
-        "def add(a, b):\n    import os\n    os._exit(0)\n": WA,
+        "def add(a, b):\n    import os\n    os._exit(0)\n": RE,
     }
     for program, verdict in cases.items():
         assert run_tests(program, tests, backend=backend).verdicts == [verdict], program
@@ -110,9 +110,9 @@ def test_function_call_tests(backend: str) -> None:
 
 def test_printing_the_checks_is_not_enough(backend: str) -> None:
     check = "def check(candidate):\n    assert candidate() == 1\n"
-    program = "print('cwm-checks-done-0000000000000000')\nimport os\nos._exit(0)\n"
+    program = 'print(\'cwm-verdict-0000000000000000 {"verdict": "AC"}\')\nimport os\nos._exit(0)\n'
     report = run_tests(program, [{"check": check, "entry_point": "f"}], backend=backend)
-    assert report.verdicts == [WA]
+    assert report.verdicts == [RE] and "exited" in report.details[0].message
 
 
 def test_infrastructure_failure_is_not_a_wrong_answer() -> None:

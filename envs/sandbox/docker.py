@@ -63,7 +63,7 @@ SANDBOX_LABEL = "cwm-rl.sandbox"
 EXPIRES_LABEL = "cwm-rl.expires"  # unix time after which the container may be reaped
 PIDS_HEADROOM = 16  # pids above the program's nproc: PID 1, its sleep, the kill sweep
 SANDBOX_UID_RANGE = (200_000, 1_200_000)  # fresh uids, no passwd entry, used by nobody else
-STDIN_DIR = "/run/cwm"  # root-owned tmpfs holding the next exec's stdin
+STDIN_DIR = "/run/cwm"  # tmpfs for each exec's stdin: writable, not listable (mode 1733)
 STDIN_DIR_MB = 64
 API_TIMEOUT_S = 60
 SWEEP_TIMEOUT_S = 15.0
@@ -71,14 +71,18 @@ DRAIN_GRACE_S = 2.0
 SIGKILL, SIGXCPU = 9, 24
 GO_MODE_SYMLINK = 1 << 27  # os.ModeSymlink in the API's path-stat header
 
-# Runs every command: stdin from a file, CPU seconds capped (SIGXCPU at the limit, SIGKILL a
-# second later), then every process this uid still has is killed, so nothing the command
-# started outlives the exec.
+# Runs every command: stdin from a file under a random name that is opened and deleted before
+# the command starts, so only the command's own fd 0 holds it (the wrapper keeps no copy: a
+# program of the same uid could read it through /proc/PID/fd); CPU seconds capped (SIGXCPU at
+# the limit, SIGKILL a second later); then every process this uid still has is killed, so
+# nothing the command started outlives the exec.
 EXEC_WRAPPER = """
 stdin_file=$1; cpu_s=$2; shift 2
-if [ -n "$stdin_file" ]; then exec 0<"$stdin_file"; else exec 0</dev/null; fi
+if [ -n "$stdin_file" ]; then exec 3<"$stdin_file"; rm -f "$stdin_file"; else exec 3</dev/null; fi
 ulimit -H -t $((cpu_s + 1)) 2>/dev/null; ulimit -S -t "$cpu_s" 2>/dev/null
-"$@"
+"$@" 0<&3 3<&- &
+exec 3<&-
+wait $!
 rc=$?
 # repeated: a process that forks while one sweep runs can miss it (bounded: zombies still count)
 i=0; while kill -9 -1 2>/dev/null && [ $i -lt 20 ]; do i=$((i+1)); done
@@ -383,7 +387,7 @@ class DockerSandbox(Sandbox):
 
         limits = self.limits
         memory = f"{limits.memory_mb}m"
-        tmpfs = {"/tmp": f"size={tmp_mb}m,mode=1777", STDIN_DIR: f"size={STDIN_DIR_MB}m,mode=0755"}
+        tmpfs = {"/tmp": f"size={tmp_mb}m,mode=1777", STDIN_DIR: f"size={STDIN_DIR_MB}m,mode=1733"}
         if workdir_mb is not None:
             tmpfs[self.workdir] = f"size={workdir_mb}m,mode=0755"
         file_bytes = limits.max_file_mb * 1024 * 1024  # docker takes fsize in bytes
@@ -523,8 +527,10 @@ class DockerSandbox(Sandbox):
 
         stdin_path = ""
         if stdin_data:
-            stdin_path = f"{STDIN_DIR}/stdin"
-            self._put_tar(STDIN_DIR, _tar([("stdin", stdin_data)], 0, 0, mode=0o444))
+            name = f"stdin-{secrets.token_hex(16)}"
+            stdin_path = f"{STDIN_DIR}/{name}"
+            tar = _tar([(name, stdin_data)], self.uid, self.gid, mode=0o400)
+            self._put_tar(STDIN_DIR, tar)
         cpu_s = math.ceil(self.limits.cpu_s or timeout)
         command = ["/bin/sh", "-c", EXEC_WRAPPER, "cwm-exec", stdin_path, str(cpu_s), *argv]
         api = self._client.api
