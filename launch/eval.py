@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from rl.health import InfrastructureFailure
     from rl.orchestrator import Orchestrator, init_ray
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         orch.start(learners=False)
         try:
             results = orch.evaluate(tag="eval")
+        except InfrastructureFailure as e:
+            print(f"evaluation stopped: {e}", file=sys.stderr)
+            return 1
         finally:
             orch.stop()
     print(f"policy: {hf if hf.parent != Path(scratch) else policy}")

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from envs import registry
 from envs.base import ConfigError
 from model.loader import ModelSpec
+from rl.health import FailuresConfig
 from rl.learner import LearnerConfig
 from rl.rollout import RolloutConfig
 from rl.weights import WeightSyncConfig
@@ -68,6 +69,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     samples_per_step: int = 2  # trajectories written to samples.jsonl per step
     max_worker_restarts: int = 10  # rollout workers restarted after a crash before giving up
+    failures: FailuresConfig = field(default_factory=FailuresConfig)  # rl/health.py
     progress: bool = True  # a progress bar on stderr
 
 

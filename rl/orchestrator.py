@@ -29,6 +29,7 @@ from rl import checkpoint as ckpt
 from rl import grpo
 from rl.buffer import Buffer, Group
 from rl.config import RunConfig, to_yaml
+from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
 from rl.learner import start_learners
 from rl.rollout import RolloutWorker
 from rl.runlog import RunLog, eval_table, provenance
@@ -95,6 +96,7 @@ class Orchestrator:
         self.pending_acks: list = []  # weight update not yet acknowledged by every worker
         self.weight_group_ready = False  # weight_sync.method=collective: the group is formed
         self.faults = {"worker_restarts": 0, "weight_sync_failures": 0}
+        self.health = CircuitBreaker(cfg.failures)  # infrastructure failure stops the run
 
     # -- actors -----------------------------------------------------------------------------------
 
@@ -420,6 +422,8 @@ class Orchestrator:
         )
         metrics.update(self.buffer.metrics())
         metrics.update({f"faults/{k}": v for k, v in self.faults.items()})
+        verdict = self.health.observe(outcomes(t for g in groups for t in g.trajectories))
+        metrics.update(verdict.metrics)
         every = self.cfg.checkpoint.every
         if (every and self.step % every == 0) or self.step == self.cfg.steps:
             t_ckpt = time.monotonic()
@@ -428,6 +432,8 @@ class Orchestrator:
         self.log.metrics(self.step, metrics)
         self.log.samples(self.step, self._samples(groups))
         self.log.trained(self.step, [(g.group_id, g.task.id) for g in groups])
+        if verdict.tripped:
+            self.stop_unhealthy(verdict.message)
         bar.update(1)
         bar.set_postfix(
             reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
@@ -516,7 +522,7 @@ class Orchestrator:
         overrides = {"temperature": ev.temperature}
         if ev.max_new_tokens:
             overrides["max_new_tokens"] = ev.max_new_tokens
-        results = {}
+        results, trajs = {}, []
         for env, tasks in self.test_tasks.items():
             tasks = tasks[: ev.num_tasks] if ev.num_tasks else tasks
             if not tasks:
@@ -525,13 +531,43 @@ class Orchestrator:
                 (t, ev.samples, f"eval-{tag}-{i}", cfg.seed * 7 + i) for i, t in enumerate(tasks)
             ]
             groups = self.run_jobs(jobs, overrides)
+            trajs += [t for g in groups for t in g]
             results[env] = pass_at_k(groups, ev.samples)
             points = self.evals.setdefault(env, {"env": env, "points": []})["points"]
             points.append({"step": self.step, "tag": tag, **results[env]})
+        breaker = CircuitBreaker(
+            cfg.failures, patience=1, what=f"evaluation round '{tag}'", prefix="health/eval/"
+        )  # one round covers the held-out set: judged alone
+        verdict = breaker.observe(outcomes(trajs))
         self.log.metrics(
-            self.step, {f"eval/{e}/{k}": v for e, r in results.items() for k, v in r.items()}
+            self.step,
+            {f"eval/{e}/{k}": v for e, r in results.items() for k, v in r.items()}
+            | verdict.metrics,
         )
+        if verdict.tripped:
+            self.stop_unhealthy(verdict.message)
         return results
+
+    def stop_unhealthy(self, message: str) -> None:
+        """The circuit breaker tripped: checkpoint what was trained, log why, raise."""
+        where = f"the run stopped at step {self.step}"
+        if self.learners and self.step > 0:
+            last = ckpt.latest(self.dir / "checkpoints")
+            saved = json.loads((last / "trainer.json").read_text())["extra"] if last else {}
+            if saved.get("step") != self.step:  # not saved at this step yet (_log_step)
+                try:
+                    self.save_checkpoint()
+                except Exception as e:  # noqa: BLE001 - the breaker's message matters more
+                    where += f" (saving a checkpoint failed: {type(e).__name__}: {e})"
+            last = ckpt.latest(self.dir / "checkpoints")
+            if last is not None:
+                where += (
+                    f"; checkpoint {last} is intact: fix the cause, then continue with "
+                    f"`python -m launch.train --resume {self.dir}`"
+                )
+        text = f"infrastructure failure: {message}\n{where}"
+        self.log.metrics(self.step, {"health/tripped": 1, "health/error": text})
+        raise InfrastructureFailure(text)
 
     def finish(self, before: dict, after: dict, train_s: float) -> dict:
         table = eval_table(before, after)

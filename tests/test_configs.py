@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from envs.base import ConfigError
 from model import CWM, CWMConfig, save_pretrained
 from rl.config import load_config
 
@@ -38,3 +39,28 @@ def test_cwm_multitask_is_cwm_s_recipe(tmp_path, monkeypatch):
     assert cfg.rollout.max_turns >= 64  # agentic SWE episodes
     assert cfg.rollout.gpus >= cfg.rollout.tensor_parallel_size > 1  # 32B over several GPUs
     assert cfg.model.path == str(tmp_path / "cwm")
+
+
+def test_failures_section_has_run_safe_defaults():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    f = cfg.failures
+    assert (f.max_error_fraction, f.patience, f.count_timeouts) == (0.5, 3, False)
+    cfg = load_config(
+        CONFIGS / "smoke.yaml", ["failures.patience=1", "failures.count_timeouts=true"]
+    )
+    assert cfg.failures.patience == 1 and cfg.failures.count_timeouts
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("failures.max_error_fraction=1.5", "failures.max_error_fraction"),
+        ("failures.max_error_fraction=-0.1", "failures.max_error_fraction"),
+        ("failures.patience=0", "failures.patience"),
+        ("failures.patience=often", "failures.patience"),
+        ("failures.max_errors=3", "failures.max_errors"),
+    ],
+)
+def test_bad_failures_values_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_config(CONFIGS / "smoke.yaml", [override])
