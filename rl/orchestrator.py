@@ -644,17 +644,22 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
 
 
 def pass_at_k(groups: list[list[dict]], k: int) -> dict[str, float]:
-    """pass@1: mean success over all samples; pass@k: share of tasks with a success among k.
-    A sample succeeds when its reward is >= 1 (math, code, SWE tests passing)."""
-    per_task = [[t["reward"] is not None and t["reward"] >= 1.0 for t in g] for g in groups]
+    """pass@1: mean success over the samples that got a reward; pass@k: share of tasks with a
+    success among their k samples. A sample succeeds when its reward is >= 1 (math, code, SWE
+    tests passing). A sample whose reward is unavailable (env_error) is no miss: it is left out
+    and counted in `errors`; a task none of whose samples got a reward is left out too."""
+    scored = [[t for t in g if t["status"] != "env_error"] for g in groups]
+    per_task = [[t["reward"] is not None and t["reward"] >= 1.0 for t in g] for g in scored if g]
     samples = [s for task in per_task for s in task]
     out = {
         "tasks": len(per_task),
-        "pass@1": sum(samples) / max(1, len(samples)),
+        "pass@1": sum(samples) / len(samples) if samples else math.nan,
         "errors": sum(t["status"] in ("env_error", "timeout") for g in groups for t in g),
     }
     if k > 1:
-        out[f"pass@{k}"] = sum(any(task) for task in per_task) / max(1, len(per_task))
-    mean_reward = [t["reward"] for g in groups for t in g if t["reward"] is not None]
-    out["reward_mean"] = sum(mean_reward) / max(1, len(mean_reward)) if mean_reward else math.nan
+        out[f"pass@{k}"] = (
+            sum(any(task) for task in per_task) / len(per_task) if per_task else math.nan
+        )
+    mean_reward = [t["reward"] for g in scored for t in g if t["reward"] is not None]
+    out["reward_mean"] = sum(mean_reward) / len(mean_reward) if mean_reward else math.nan
     return out

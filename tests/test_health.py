@@ -182,3 +182,22 @@ def test_an_engine_failing_for_the_whole_batch_trips_the_same_breaker():
     assert [v.tripped for v in verdicts] == [False, True]
     assert "'reverse' 6 of 6 failed" in verdicts[1].message
     assert "RuntimeError: CUDA error: an illegal memory access" in verdicts[1].message
+
+
+def test_pass_at_k_leaves_unavailable_rewards_out_instead_of_counting_misses():
+    from rl.orchestrator import pass_at_k
+
+    def t(reward, status="ok"):
+        return {"reward": reward, "status": status}
+
+    groups = [
+        [t(1.0), t(None, "env_error")],  # one success, one unavailable: pass@1 counts 1 of 1
+        [t(0.0), t(0.0, "timeout")],  # a timeout is the policy's miss
+        [t(None, "env_error"), t(None, "env_error")],  # no reward at all: task left out
+    ]
+    out = pass_at_k(groups, 2)
+    assert out["tasks"] == 2 and out["errors"] == 4
+    assert out["pass@1"] == pytest.approx(1 / 3) and out["pass@2"] == pytest.approx(1 / 2)
+    assert out["reward_mean"] == pytest.approx(1 / 3)
+    empty = pass_at_k([[t(None, "env_error")]], 2)
+    assert empty["tasks"] == 0 and empty["pass@1"] != empty["pass@1"]  # NaN, not 0
