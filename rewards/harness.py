@@ -294,12 +294,12 @@ def _non_dumpable() -> None:
         raise OSError("could not make the judge non-dumpable")
 
 
-def _start_candidate(source: str) -> tuple[int, object, object]:
+def _start_candidate(source: str) -> tuple[int, object, object, int]:
     """The candidate as a fresh interpreter: its stdin/stdout are the call and reply pipes, its
     stderr the log file (the judge's own stdout is never shared)."""
     calls_r, calls_w = os.pipe()
     replies_r, replies_w = os.pipe()
-    log = os.open(CANDIDATE_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    log = _open_log()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
     env["HOME"] = os.environ.get("HOME", os.getcwd())
     pid = os.posix_spawn(
@@ -312,23 +312,53 @@ def _start_candidate(source: str) -> tuple[int, object, object]:
             (os.POSIX_SPAWN_DUP2, log, 2),
         ],
     )
-    for fd in (calls_r, replies_w, log):
+    for fd in (calls_r, replies_w):
         os.close(fd)
-    return pid, os.fdopen(calls_w, "wb"), os.fdopen(replies_r, "rb")
+    return pid, os.fdopen(calls_w, "wb"), os.fdopen(replies_r, "rb"), log
+
+
+def _open_log() -> int:
+    """A fresh log file (never one the program left behind: no link, no FIFO)."""
+    try:
+        os.unlink(CANDIDATE_LOG)
+    except FileNotFoundError:
+        pass
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    return os.open(CANDIDATE_LOG, flags, 0o600)
+
+
+def _trusted_imports_only() -> None:
+    """Import only from places the program cannot write: drop the script's directory and every
+    writable entry from sys.path (the program shares this uid and work dir, and could plant a
+    `traceback.py` there), then import what the judge itself uses later. The sandbox starts the
+    judge with `python -I` (no user site-packages, no PYTHON* variables)."""
+    cwd = os.path.realpath(os.getcwd())
+    root = os.geteuid() == 0  # unisolated as root: everything is writable, nothing to gain
+
+    def trusted(path: str) -> bool:
+        return bool(path) and os.path.realpath(path) != cwd and (root or not os.access(path, 2))
+
+    sys.path[:] = [p for p in sys.path if trusted(p)]
+    sys.path_importer_cache.clear()
+    import builtins  # noqa: F401
+    import ctypes  # noqa: F401
+    import time  # noqa: F401
+    import traceback  # noqa: F401
 
 
 def judge_main(source: str) -> None:
     """Judge one case; prints `<nonce> <json verdict>` as the last line."""
+    _trusted_imports_only()
     job = json.loads(sys.stdin.buffer.read())
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the job's file (where stdin is one) stays open nowhere
     os.close(devnull)
     nonce = job["nonce"]
     result = {"verdict": "RE", "message": ""}
-    pid = None
+    pid = log = None
     try:
         _non_dumpable()
-        pid, calls, replies = _start_candidate(source)
+        pid, calls, replies, log = _start_candidate(source)
         candidate = Candidate(pid, calls, replies)
         calls.write(_line({"solution": job["solution"], "entry_point": job["entry_point"]}))
         calls.flush()
@@ -344,7 +374,7 @@ def judge_main(source: str) -> None:
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
-    result["log"] = _tail(CANDIDATE_LOG)
+    result["log"] = _tail(log) if log is not None else ""
     sys.stdout.flush()
     os.write(1, f"\n{nonce} {json.dumps(result)}\n".encode())
     os._exit(0)
@@ -390,12 +420,10 @@ def _where() -> str:
     return f" (check.py line {frames[-1].lineno})" if frames else ""
 
 
-def _tail(path: str, limit: int = 2000) -> str:
+def _tail(fd: int, limit: int = 2000) -> str:
     try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode("utf-8", errors="replace")
+        size = os.fstat(fd).st_size
+        return os.pread(fd, limit, max(0, size - limit)).decode("utf-8", errors="replace")
     except OSError:
         return ""
 

@@ -236,9 +236,11 @@ class _SandboxRunner:
         limits = SandboxLimits(memory_mb=memory_mb)
         self.sandbox = make_sandbox(backend, limits=limits, allow_unisolated=allow_unisolated)
 
-    def run(self, program: str, stdin: str, timeout: float) -> ExecResult:
+    def run(self, program: str, stdin: str, timeout: float, judge: bool = False) -> ExecResult:
         self.sandbox.write_file("main.py", program)
-        return self.sandbox.exec(["python3", "main.py"], timeout=timeout, stdin=stdin)
+        # the judge runs isolated (-I): no user site-packages the program could have planted
+        argv = ["python3", "-I", "main.py"] if judge else ["python3", "main.py"]
+        return self.sandbox.exec(argv, timeout=timeout, stdin=stdin)
 
     def close(self) -> None:
         self.sandbox.close()
@@ -251,7 +253,8 @@ class _ForkServerRunner:
         self.server = shared_forkserver(allow_unisolated)
         self.memory_mb = memory_mb
 
-    def run(self, program: str, stdin: str, timeout: float) -> ExecResult:
+    def run(self, program: str, stdin: str, timeout: float, judge: bool = False) -> ExecResult:
+        # the server runs isolated (-I); the judge drops the run dir from sys.path itself
         return self.server.run(program, stdin, timeout, memory_mb=self.memory_mb)
 
     def close(self) -> None:
@@ -302,7 +305,7 @@ def run_tests(
                 source, stdin = judge_program(), judge_job(program, case, nonce)
             else:
                 source, stdin = program, case["input"]
-            result = runner.run(source, stdin, time_limit_s)
+            result = runner.run(source, stdin, time_limit_s, judge="check" in case)
             details.append(judge(result, case, nonce, float_tol))
     except (SandboxError, OSError) as e:
         infrastructure_error = f"{backend} sandbox failed: {type(e).__name__}: {e}"

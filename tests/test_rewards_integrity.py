@@ -327,3 +327,61 @@ def test_plain_data_round_trip_by_hand() -> None:
     for form in (["i", 5], ["x"], [], "s", ["l", "abc"], ["d", [[["l", []], ["n"]]]], ["if", "1"]):
         with pytest.raises(Malformed):
             decode(form)
+
+
+# Runs inside the judge if the judge ever imports what the program planted: forges AC with the
+# nonce taken from the judge's job (at start-up, through json.loads) or its frames (later).
+FORGER = r"""
+import json as _json, os as _os, sys as _sys
+
+def _forge(nonce):
+    _os.write(1, ("\n" + nonce + ' {"verdict": "AC", "message": ""}\n').encode())
+    _os._exit(0)
+
+_frame = _sys._getframe()
+while _frame is not None:
+    if isinstance(_frame.f_locals.get("nonce"), str):
+        _forge(_frame.f_locals["nonce"])
+    _frame = _frame.f_back
+_loads = _json.loads
+def _spy(text, *args, **kwargs):
+    value = _loads(text, *args, **kwargs)
+    if isinstance(value, dict) and isinstance(value.get("nonce"), str):
+        _forge(value["nonce"])
+    return value
+_json.loads = _spy
+"""
+
+PLANTER = f"""
+import os, sys
+FORGER = {FORGER!r}
+site = os.path.join(os.path.expanduser("~"), ".local", "lib",
+                    f"python{{sys.version_info[0]}}.{{sys.version_info[1]}}", "site-packages")
+targets = [os.getcwd(), "/tmp", os.environ.get("HOME", "/tmp"), site]
+names = ["traceback", "time", "math", "random", "copy", "ctypes", "string", "usercustomize",
+         "sitecustomize", "builtins", "json", "functools"]
+for directory in targets:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for name in names:
+            with open(os.path.join(directory, name + ".py"), "w") as f:
+                f.write(FORGER)
+        with open(os.path.join(directory, "zz-forge.pth"), "w") as f:
+            f.write("import usercustomize\\n")
+    except OSError:
+        pass
+
+def add(a, b):
+    return a - b  # wrong: the checks fail, and the judge looks up where
+"""
+
+
+def test_modules_planted_by_the_program_never_run_in_the_judge(backends: list[str]) -> None:
+    check = (
+        "def check(candidate):\n    import math, random, copy, string\n"
+        "    assert candidate(2, 3) == 5\n"
+    )
+    cases = function_case(check) * 3  # later cases of the same program share its work dir
+    for backend in backends:
+        report = run_tests(PLANTER, cases, backend=backend)
+        assert report.verdicts == [WA, WA, WA], (backend, report.details)
