@@ -17,6 +17,7 @@ from conftest import require
 
 from envs import registry
 from envs.base import StepResult, Task
+from envs.sandbox.base import SandboxError
 from envs.sandbox.local import bwrap_path
 from envs.swe import SWEEnv
 from envs.swe.instances import SWEInstance
@@ -261,6 +262,17 @@ def test_history_is_scrubbed_and_hidden_tests_are_out_of_reach(tasks_dir) -> Non
     assert "fatal" in lost and lost.split("\n")[1] == "0"
     assert "test_regression" not in search and "respects_width" not in search
     assert "No such file or directory" in search
+
+
+def test_leak_check_at_reset(tasks_dir, monkeypatch) -> None:
+    env = make_env(tasks_dir, leak_check=True)
+    task = task_by_id(env, TASK_ID)
+    _, results = run(episode(env, task, finish_with_oracle(task)))
+    assert (results[-1].reward, results[-1].info["integrity"]) == (1.0, "report")
+    monkeypatch.setattr("envs.swe.env.find_leaks", lambda workspace, instance: ["name 'x' in y"])
+    with pytest.raises(SandboxError, match="leaks into the workspace"):
+        run(env.reset(task))
+    assert env._workspace is None  # released
 
 
 # ---------------------------------------------------------------------------------------------

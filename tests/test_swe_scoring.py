@@ -1,7 +1,13 @@
-"""Scoring submitted patches in fresh sandboxes (envs.swe.scoring), local and docker backends."""
+"""Scoring submitted patches in fresh sandboxes (envs.swe.scoring), local and docker backends.
+Attacks on the scorer itself are in test_swe_integrity.py."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import tempfile
 import time
 
 import pytest
@@ -29,6 +35,30 @@ def by_id(instances, instance_id):
     return next(i for i in instances if i.instance_id == instance_id)
 
 
+def near_miss(instance) -> str:
+    """The oracle's place, left buggy: a comment on each line the oracle removes, or (an oracle
+    that only adds lines) its added lines commented out."""
+    removed: dict[str, list[str]] = {}
+    for line in instance.patch.splitlines():
+        if line.startswith("--- a/"):
+            path = line[len("--- a/") :]
+        elif line.startswith("-") and not line.startswith("---"):
+            removed.setdefault(path, []).append(line[1:])
+    if not removed:
+        return re.sub(r"^\+(\s*)(?=[^\s+])", r"+\1# ", instance.patch, flags=re.M)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = os.path.join(tmp, "repo")
+        shutil.copytree(instance.repo_dir, work, symlinks=True)
+        for path, lines in removed.items():
+            with open(os.path.join(work, path)) as f:
+                text = f.read()
+            for line in lines:
+                text = text.replace(line + "\n", line + "  # handled\n", 1)
+            with open(os.path.join(work, path), "w") as f:
+                f.write(text)
+        return subprocess.run(["git", "diff"], cwd=work, capture_output=True, text=True).stdout
+
+
 def test_oracle_patch_scores_plus_one_on_every_task(instances) -> None:
     start = time.monotonic()
     verdicts = {i.instance_id: score_patch(i, i.patch, LOCAL) for i in instances}
@@ -38,6 +68,7 @@ def test_oracle_patch_scores_plus_one_on_every_task(instances) -> None:
     }
     assert wrong == {}
     assert all(v.resolved and v.applied and v.similarity == 1.0 for v in verdicts.values())
+    assert all(v.integrity == "report" and not v.tampering for v in verdicts.values())
     print(f"scored {len(instances)} oracle patches in {took:.1f} s")
 
 
@@ -48,6 +79,13 @@ def test_empty_patch_scores_minus_one_and_hidden_tests_fail(instances) -> None:
         failing = [n for n in instance.fail_to_pass if verdict.tests.get(n) != "pass"]
         assert failing == list(instance.fail_to_pass)  # all ran and failed
         assert all(verdict.tests[n] == "pass" for n in instance.pass_to_pass)
+
+
+def test_near_miss_scores_zero_on_every_task(instances) -> None:
+    verdicts = {i.instance_id: score_patch(i, near_miss(i), LOCAL) for i in instances}
+    wrong = {k: (v.reward, v.similarity, v.applied) for k, v in verdicts.items() if v.reward != 0}
+    assert wrong == {}
+    assert all(v.applied and not v.resolved and not v.tampering for v in verdicts.values())
 
 
 def test_wrong_patch_scores_minus_one(instances) -> None:
@@ -146,5 +184,7 @@ def test_docker_backend_scores_oracle_and_empty(docker_instances, use_task_image
     for instance in docker_instances:
         verdict = score_patch(instance, instance.patch, spec)
         assert (verdict.reward, verdict.resolved) == (1.0, True), verdict.log_tail[-500:]
+        assert verdict.integrity == "report" and not verdict.tampering
+        assert score_patch(instance, near_miss(instance), spec).reward == 0.0
     empty = score_patch(docker_instances[0], "", spec)
     assert (empty.reward, empty.resolved) == (-1.0, False)

@@ -13,7 +13,10 @@ the failure reward in strict mode. The episode also ends when the env's own turn
 budget or its deadline runs out: the last submission is then scored (or, with
 `score_unsubmitted`, the repository's uncommitted changes), else the failure reward; the status
 is "truncated". Every bash command has its own timeout. Sandbox failures raise (reset) or end
-the episode with status env_error: reward unavailable, never a score.
+the episode with status env_error: reward unavailable, never a score. With `leak_check`, reset
+also searches the agent's fresh workspace (files and every git object) for the hidden tests and
+the oracle patch (workspace.find_leaks) and raises if it finds them: off by default, as it
+reads the whole repository.
 
 Tokens: the env cannot see the tokenizer, so it estimates (characters / 4) unless whoever runs
 the episode sets `env.tokens_used` before each step (the rollout worker knows the exact count).
@@ -34,7 +37,7 @@ from envs.sandbox.base import SandboxError
 from envs.swe import tools
 from envs.swe.instances import SWEInstance, load_instances
 from envs.swe.scoring import ScoreResult, score_patch
-from envs.swe.workspace import SandboxSpec, Workspace, open_workspace
+from envs.swe.workspace import SandboxSpec, Workspace, find_leaks, open_workspace
 
 CHARS_PER_TOKEN = 4
 SCORING_MARGIN_S = 120.0  # docker: the container outlives the episode and scoring by this
@@ -86,7 +89,8 @@ class SWEConfig:
     `test_fraction` of `path`).
     backend: the sandbox ("local" or "docker"); `use_task_images` runs docker sandboxes in the
     instance's image when it names one (built with `build_tasks --images`), else the repository
-    is copied into a `cwm-rl/host` container.
+    is copied into a `cwm-rl/host` container. `allow_unisolated`: let the local sandbox run
+    without a layer it promises (bubblewrap, cgroups, the uid drop) instead of failing.
     Budgets: `max_turns` replies, `max_tokens` tokens of the whole episode (for the budget note
     and the end), `command_timeout_s` per tool call, `episode_timeout_s` wall clock.
     Reward: +reward_scale resolved; 0 if similarity >= similarity_threshold; else -reward_scale.
@@ -104,6 +108,7 @@ class SWEConfig:
     backend: Literal["local", "docker"] = "local"
     use_task_images: bool = True
     docker_host: str | None = None
+    allow_unisolated: bool = False
     memory_mb: int = 2048
     max_processes: int = 128
     max_turns: int = 30
@@ -117,6 +122,7 @@ class SWEConfig:
     reward_scale: float = 1.0
     similarity_threshold: float = 0.5
     system_prompt: str | None = None  # replaces the default (which describes the tools)
+    leak_check: bool = False  # reset checks the workspace for the hidden tests and the oracle
 
     def __post_init__(self) -> None:
         if self.source == "jsonl":
@@ -148,6 +154,7 @@ class SWEConfig:
             use_task_images=self.use_task_images,
             docker_host=self.docker_host,
             lifetime_s=self.episode_timeout_s + self.scoring_timeout_s + SCORING_MARGIN_S,
+            allow_unisolated=self.allow_unisolated,
         )
 
 
@@ -242,6 +249,11 @@ class SWEEnv(Environment):
         spec = self.config.sandbox_spec()
         self._workspace = await asyncio.to_thread(open_workspace, instance, spec, scrub=True)
         self._info.update({k: round(v, 4) for k, v in self._workspace.timings.items()})
+        if self.config.leak_check:
+            leaks = await asyncio.to_thread(find_leaks, self._workspace, instance)
+            if leaks:
+                await self._release_workspace()
+                raise SandboxError(f"{instance.instance_id} leaks into the workspace: {leaks[:3]}")
         messages = self.prompt_messages(instance, self._workspace.repo_path)
         self._chars += sum(len(m["content"]) for m in messages)
         return messages

@@ -13,6 +13,10 @@ from `test_cmd` / `test_command` / `eval_cmd`. SWE-bench itself ships no test co
 harness keeps one per repository version): give `default_test_cmd`, where `{test_files}` is
 replaced by the files the test patch touches. Commands in an image run as root unless the record
 says `"image_user": "sandbox"` (the images built here: their repository is writable by anyone).
+The test command decides how far the verdict can be trusted (envs.swe.scoring): a command that
+ends in `python -m unittest ARGS`, `python -m pytest ARGS` or `pytest ARGS` (plain words, after
+optional `setup && ` commands) runs under the scorer's own runner and report; anything else is
+judged from its output, which the code under test can forge (`integrity` "stdout").
 """
 
 from __future__ import annotations

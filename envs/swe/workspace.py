@@ -4,8 +4,12 @@
 repository in it: copied in as a tar archive (local backend; docker backend without task
 images), or already inside the instance's image (docker backend, `use_task_images`). With
 `scrub=True` the repository's history is then cut down to what the agent may see: remotes,
-every ref but the checked-out branch (other branches, tags, stash, remote-tracking refs), the
-reflogs and every unreachable object (gc) are deleted, so a later commit cannot leak the fix.
+every ref but the checked-out branch (other branches, tags, stash, notes, remote-tracking
+refs), the reflogs, ORIG_HEAD / FETCH_HEAD and the other state files of git commands (commit
+messages included), worktrees, grafts, alternates (their objects copied in first), .keep marks
+and every unreachable object (gc) are deleted, and the setup fails unless every object left is
+reachable from HEAD or the index: no later commit can leak the fix. The scorer scrubs its
+sandbox the same way. `find_leaks` checks a workspace for the hidden tests and the oracle.
 
 The bash session. A sandbox `exec` kills everything it started when it returns (that is what
 makes it safe), so one shell process cannot live across tool calls. The session is therefore
@@ -21,8 +25,10 @@ clean environment.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,11 +63,29 @@ if [ "$scrub" = 1 ]; then
   for remote in $(git remote); do git remote remove "$remote"; done
   head_ref=$(git symbolic-ref -q HEAD || true)
   git for-each-ref --format='%(refname)' | while read -r ref; do
-    if [ "$ref" != "$head_ref" ]; then git update-ref -d "$ref"; fi
+    if [ "$ref" != "$head_ref" ]; then git update-ref --no-deref -d "$ref"; fi
   done
-  rm -f .git/FETCH_HEAD .git/ORIG_HEAD .git/MERGE_HEAD .git/CHERRY_PICK_HEAD
-  git reflog expire --expire=now --all
-  git gc --prune=now --quiet
+  gitdir=$(git rev-parse --git-dir)
+  rm -rf "$gitdir/logs" "$gitdir/refs/original" "$gitdir/worktrees" "$gitdir/rr-cache" \
+    "$gitdir/rebase-merge" "$gitdir/rebase-apply" "$gitdir/sequencer" "$gitdir/info/grafts" \
+    "$gitdir/objects/info/commit-graph" "$gitdir/objects/info/commit-graphs" \
+    "$gitdir/objects/pack/multi-pack-index"
+  for f in FETCH_HEAD ORIG_HEAD MERGE_HEAD MERGE_MSG MERGE_MODE CHERRY_PICK_HEAD REVERT_HEAD \
+    AUTO_MERGE SQUASH_MSG COMMIT_EDITMSG TAG_EDITMSG BISECT_LOG BISECT_START BISECT_TERMS \
+    BISECT_NAMES BISECT_EXPECTED_REV BISECT_ANCESTORS_OK; do rm -f "$gitdir/$f"; done
+  find "$gitdir/objects/pack" -name '*.keep' -delete 2>/dev/null || true
+  if [ -s "$gitdir/objects/info/alternates" ]; then
+    git repack -a -d -q  # copy in the borrowed objects still needed, then drop the link
+    rm -f "$gitdir/objects/info/alternates"
+  fi
+  git -c gc.reflogExpire=now -c gc.reflogExpireUnreachable=now -c gc.pruneExpire=now \
+    -c gc.cruftPacks=false -c gc.worktreePruneExpire=now gc --prune=now --quiet
+  # check: every object left is reachable from HEAD or the index
+  git cat-file --batch-all-objects --batch-check='%(objectname)' | sort > "$state/.objects"
+  git rev-list --objects --all --indexed-objects | cut -d' ' -f1 | sort -u > "$state/.reachable"
+  left=$(comm -23 "$state/.objects" "$state/.reachable" | wc -l)
+  rm -f "$state/.objects" "$state/.reachable"
+  if [ "$left" != 0 ]; then echo "scrubbing left $left unreachable objects" >&2; exit 3; fi
 fi
 """
 
@@ -116,6 +140,7 @@ class SandboxSpec:
     docker_host: str | None = None
     lifetime_s: float = 3600.0  # docker: the container ends itself after this long
     cpus: float | None = 1.0
+    allow_unisolated: bool = False  # local: run without bwrap/cgroups/uid drop (warned)
 
     def limits(self) -> SandboxLimits:
         return SandboxLimits(
@@ -199,7 +224,7 @@ def _start_sandbox(instance: SWEInstance, spec: SandboxSpec) -> tuple[Sandbox, b
         raise ValueError(f"unknown sandbox backend {spec.backend!r}")
     if instance.repo_dir is None:
         raise SandboxError(f"{instance.instance_id}: the local backend needs a repo_dir")
-    return make_sandbox("local", limits=limits), False
+    return make_sandbox("local", limits=limits, allow_unisolated=spec.allow_unisolated), False
 
 
 def open_workspace(instance: SWEInstance, spec: SandboxSpec, *, scrub: bool) -> Workspace:
@@ -237,3 +262,130 @@ def open_workspace(instance: SWEInstance, spec: SandboxSpec, *, scrub: bool) -> 
             "repo_setup_s": time.monotonic() - started,
         },
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Leak check: the hidden tests and the oracle must not be in the agent's workspace
+
+# Run in the sandbox: needle hashes come on stdin (never written to disk), hits go to stdout.
+LEAK_SCAN = r"""
+import hashlib, json, os, re, subprocess, sys
+needles = json.loads(sys.stdin.read())
+lines, names, paths = (set(needles[k]) for k in ("lines", "names", "paths"))
+repo, roots = os.path.realpath(sys.argv[1]), sys.argv[1:]
+word = re.compile(r"[A-Za-z_][A-Za-z0-9_]{5,}")
+hits = []
+def digest(text):
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
+def scan(text, kind, where):
+    for line in text.splitlines():
+        if len(line.strip()) >= 8 and digest(line.strip()) in lines:
+            hits.append([digest(line.strip()), kind, where])
+        hits.extend([digest(w), kind, where] for w in word.findall(line) if digest(w) in names)
+def git(*args):
+    return subprocess.run(("git", "-C", repo) + args, stdout=subprocess.PIPE).stdout
+tracked = set(git("ls-files", "-z").decode("utf-8", "replace").split("\0"))
+dirty = set(git("ls-files", "-z", "-m", "-d").decode("utf-8", "replace").split("\0"))
+for path in tracked - {""}:
+    if digest(path) in paths:
+        hits.append([digest(path), "files", path])
+for path in git("ls-files", "-z", "--others").decode("utf-8", "replace").split("\0"):
+    if path and digest(path) in paths:
+        hits.append([digest(path), "files", path])
+done = set()
+for root in roots:
+    for directory, dirs, files in os.walk(root):
+        directory = os.path.realpath(directory)
+        if directory in done or directory == os.path.join(repo, ".git", "objects"):
+            dirs[:] = []
+            continue
+        done.add(directory)
+        for name in files:
+            full = os.path.join(directory, name)
+            relative = os.path.relpath(full, repo)
+            if relative in tracked and relative not in dirty or os.path.islink(full):
+                continue  # clean: its content is a blob of HEAD's tree
+            try:
+                with open(full, "rb") as f:
+                    scan(f.read(4 << 20).decode("utf-8", "replace"), "files", full)
+            except OSError:
+                pass
+head = set(git("ls-tree", "-r", "-z", "HEAD").decode().replace("\t", " ").split("\0"))
+head = {entry.split()[2] for entry in head if entry}
+stream = subprocess.Popen(["git", "-C", repo, "cat-file", "--batch-all-objects", "--batch"],
+                          stdout=subprocess.PIPE).stdout
+while True:
+    header = stream.readline().split()
+    if len(header) < 3:
+        break
+    data = stream.read(int(header[2]) + 1)[:-1].decode("utf-8", "replace")
+    sha = header[0].decode()
+    scan(data, "head" if sha in head else "objects", "git object " + sha)
+print(json.dumps(hits))
+"""
+
+
+def _patch_lines(patch: str) -> tuple[set[str], set[str]]:
+    """(added, other) stripped lines of a patch's hunks."""
+    added, other = set(), set()
+    for line in patch.splitlines():
+        if line.startswith(("+++", "---")):
+            continue
+        if line[:1] == "+":
+            added.add(line[1:].strip())
+        elif line[:1] in (" ", "-"):
+            other.add(line[1:].strip())
+    return added, other
+
+
+def leak_needles(instance: SWEInstance) -> dict[str, tuple[str, str]]:
+    """What would leak the task, by hash: hidden test names, the hidden tests' and the oracle's
+    added lines (but for lines that the patches keep or remove: those are in the base), and
+    the files the test patch creates. Hash -> (kind, text)."""
+    needles: dict[str, tuple[str, str]] = {}
+
+    def add(kind: str, text: str) -> None:
+        needles[hashlib.sha256(text.encode()).hexdigest()[:16]] = (kind, text)
+
+    for patch in (instance.test_patch, instance.patch):
+        added, other = _patch_lines(patch)
+        for line in added - other:
+            if len(line) >= 12:
+                add("line", line)
+    added, other = _patch_lines(instance.test_patch)
+    kept = {name for line in other for name in re.findall(r"def (test_\w+)", line)}
+    for line in added:
+        for name in re.findall(r"def (test_\w+)", line):
+            if name not in kept:
+                add("name", name)
+    created = re.findall(r"^diff --git a/\S+ b/(\S+)\nnew file mode", instance.test_patch, re.M)
+    for path in created:
+        add("path", path)
+    return needles
+
+
+def find_leaks(workspace: Workspace, instance: SWEInstance, *, timeout: float = 120.0) -> list[str]:
+    """Where the agent's workspace holds the hidden tests or the oracle patch: files of the
+    repository that differ from HEAD, untracked ones, the sandbox's work dir, /tmp, $HOME,
+    and every git object (a hidden test name anywhere, an added line outside HEAD's tree, a
+    file the hidden tests create). Slow on big repositories (it reads every object)."""
+    needles = leak_needles(instance)
+    kinds = {"line": [], "name": [], "path": []}
+    for digest, (kind, _) in needles.items():
+        kinds[kind].append(digest)
+    request = json.dumps({"lines": kinds["line"], "names": kinds["name"], "paths": kinds["path"]})
+    script = 'exec "$0" -I -S -c "$1" "$2" "$3" /tmp "$HOME"'
+    argv = ["bash", "-c", script, workspace.python, LEAK_SCAN, workspace.repo_path]
+    argv.append(workspace.sandbox.workdir)
+    result = workspace.sandbox.exec(argv, timeout, stdin=request)
+    try:
+        hits = json.loads(result.stdout_text.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        detail = (result.stderr_text or result.stdout_text).strip()[-500:]
+        raise SandboxError(f"the leak check failed: {detail or 'no output'}") from None
+    found = []
+    for digest, where_kind, where in hits:
+        kind, text = needles[digest]
+        if kind == "name" or kind == "path" or where_kind != "head":
+            found.append(f"{kind} {text!r} in {where}")
+    return sorted(set(found))
