@@ -52,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from rl.health import InfrastructureFailure
-    from rl.orchestrator import LearnerFailure, Orchestrator, init_ray
+    from rl.orchestrator import LearnerFailure, Orchestrator, SamplerMismatch, init_ray
 
     init_ray(ns.num_cpus)
     try:
         summary = Orchestrator(cfg, ns.run_dir).run(resume=bool(ns.resume))
-    except (LearnerFailure, InfrastructureFailure) as e:
+    except (LearnerFailure, InfrastructureFailure, SamplerMismatch) as e:
         print(f"run stopped: {e}", file=sys.stderr)
         return 1
     print(f"done: {summary['steps']} steps in {summary['train_seconds']} s")

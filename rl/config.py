@@ -71,6 +71,10 @@ class RunConfig:
     max_worker_restarts: int = 10  # rollout workers restarted after a crash before giving up
     failures: FailuresConfig = field(default_factory=FailuresConfig)  # rl/health.py
     progress: bool = True  # a progress bar on stderr
+    # sync mode: a step whose train/logprob_diff_max (|sampler - learner| log-prob of a trained
+    # token, same policy version) exceeds this stops the run: sampler and learner disagree.
+    # None: 1e-2 when both compute in fp32, 1.0 when either is bf16 (rl/orchestrator.py); 0: off
+    max_logprob_diff: float | None = None
 
 
 def _check(cfg: RunConfig) -> None:
@@ -94,6 +98,10 @@ def _check(cfg: RunConfig) -> None:
             f"key 'learner.temperature' is {cfg.learner.temperature} but rollout.temperature "
             f"samples at {cfg.rollout.temperature}: the learner's log-probs must be those of the "
             f"sampling distribution (leave learner.temperature unset to follow rollout)"
+        )
+    if cfg.max_logprob_diff is not None and not cfg.max_logprob_diff >= 0:
+        raise ConfigError(
+            f"key 'max_logprob_diff' must be >= 0 (0: no check), got {cfg.max_logprob_diff}"
         )
     ws = cfg.weight_sync
     if (

@@ -61,6 +61,10 @@ class LearnerFailure(RuntimeError):
     """A learner rank failed; the run stops with its last checkpoint intact."""
 
 
+class SamplerMismatch(RuntimeError):
+    """Sync mode: the sampler's log-probs of the trained tokens are not the learner's."""
+
+
 @dataclass
 class InFlight:
     worker: int
@@ -196,21 +200,14 @@ class Orchestrator:
 
     def _object_store_update(self, version: int, workers) -> list[tuple[int, list]]:
         """The learner publishes its weights to the object store; each of `workers` (indices)
-        fetches them. Returns (worker, acknowledgement refs) pairs."""
+        fetches them. Returns (worker, acknowledgement refs) pairs. Each worker gets the whole
+        update (the list of bucket refs) in one call: Ray runs the calls of an async actor out of
+        order, so one call per bucket could apply an update before all its buckets arrived."""
         refs = self.learner_get(
             [a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners],
             "weight publishing",
         )[0]
-        return [
-            (
-                w,
-                [
-                    self.workers[w].receive_weights.remote(ref, version, i == len(refs) - 1)
-                    for i, ref in enumerate(refs)
-                ],
-            )
-            for w in workers
-        ]
+        return [(w, [self.workers[w].receive_weights.remote(refs, version)]) for w in workers]
 
     def _broadcast_weights(self, version: int) -> None:
         """weight_sync.method=collective: learner rank 0 broadcasts to the workers' group. Dead
@@ -456,8 +453,17 @@ class Orchestrator:
             taken, _ = self.buffer.take(cfg.groups_per_step, self.step)
             metrics = self.learner_get(self._train(taken), "a training step")
             self.step += 1
+            self.check_sampler_agreement(metrics)
             sync_s = self.sync_weights(self.step)
             self._log_step(metrics, bar, t0, sync_s, taken)
+
+    def check_sampler_agreement(self, metrics: dict) -> None:
+        """Sync mode: stop the run (the step's metrics logged first) when the sampler and the
+        learner disagreed on the trained tokens' log-probs beyond `max_logprob_diff`."""
+        message = sampler_disagreement(self.step, metrics, logprob_diff_bound(self.cfg))
+        if message:
+            self.log.metrics(self.step, {**metrics, "health/error": message})
+            raise SamplerMismatch(message)
 
     def _run_async(self, bar) -> None:
         """Workers generate ahead; the learner trains on admitted groups as they arrive."""
@@ -624,6 +630,49 @@ def _train_step(learners, groups: list[Group], loss_cfg, version: int) -> dict:
     return metrics
 
 
+def logprob_diff_bound(cfg: RunConfig) -> float | None:
+    """The largest train/logprob_diff_max a sync-mode step may show (None: no check).
+    `max_logprob_diff` when set (0: off). Otherwise: with both sides in fp32 (the native engine
+    always; the learner unless param_dtype is bf16, or auto with GPUs) the same weights agree to
+    ~1e-5 (the demo: < 1e-4 on every step), so 1e-2 leaves a wide margin; bf16 on either side
+    moves rare tokens' log-probs by tenths, so 1.0 (a factor e in probability); a sampler that
+    truncates (top-k, top-p) differs from the learner's full distribution by design: no check."""
+    if cfg.max_logprob_diff is not None:
+        return cfg.max_logprob_diff or None
+    r = cfg.rollout
+    if r.top_k > 0 or r.top_p < 1:
+        return None
+    learner = cfg.learner.param_dtype
+    if learner == "auto":
+        learner = "bfloat16" if cfg.learner_gpus > 0 else "float32"
+    sampler = "bfloat16" if r.engine == "vllm" and r.gpus > 0 else "float32"
+    return 1e-2 if learner == sampler == "float32" else 1.0
+
+
+def sampler_disagreement(step: int, metrics: dict, bound: float | None) -> str | None:
+    """Why a sync-mode step's rollouts do not match the learner (None when they do): in sync
+    mode the sampler and the learner hold the same policy version, so their log-probs of every
+    trained token agree to rounding. A larger difference means the tokens were not sampled by
+    the weights their version stamp names."""
+    diff = metrics.get("train/logprob_diff_max")
+    if bound is None or diff is None or diff <= bound:
+        return None
+    mean = metrics.get("train/logprob_diff_mean", math.nan)
+    lag = metrics.get("staleness/max_token_lag", "?")
+    return (
+        f"step {step}: sampler and learner disagree on the log-probs of the tokens trained on: "
+        f"train/logprob_diff_max {diff:.3g} (mean {mean:.3g}) > max_logprob_diff {bound:g} in "
+        f"sync mode, where both should hold the same policy version (staleness/max_token_lag "
+        f"{lag}). The rollouts were not sampled by the weights their version names, or not from "
+        f"the distribution the learner scores. Likely causes: a weight update applied partly, "
+        f"late or out of order (rl/weights.py, RolloutWorker.receive_weights); an engine "
+        f"computing with stale weights (packed or converted copies not refreshed on update, a "
+        f"KV or prefix cache reused across an update); sampling the learner does not mirror "
+        f"(temperature, top-k, top-p); or numerics (bf16: raise max_logprob_diff; 0 turns the "
+        f"check off)"
+    )
+
+
 def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     """Reward and status statistics, overall and per environment."""
     scored = [t for t in trajs if not t.excluded]
@@ -643,6 +692,16 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     return out
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean over tasks (sample std / sqrt(n)); samples of one task are
+    averaged first, since they are not independent. NaN below two tasks."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def pass_at_k(groups: list[list[dict]], k: int) -> dict[str, float]:
     """pass@1: mean success over the samples that got a reward; pass@k: share of tasks with a
     success among their k samples. A sample succeeds when its reward is >= 1 (math, code, SWE
@@ -654,12 +713,13 @@ def pass_at_k(groups: list[list[dict]], k: int) -> dict[str, float]:
     out = {
         "tasks": len(per_task),
         "pass@1": sum(samples) / len(samples) if samples else math.nan,
+        "pass@1_se": standard_error([sum(task) / len(task) for task in per_task]),
         "errors": sum(t["status"] in ("env_error", "timeout") for g in groups for t in g),
     }
     if k > 1:
-        out[f"pass@{k}"] = (
-            sum(any(task) for task in per_task) / len(per_task) if per_task else math.nan
-        )
+        solved = [float(any(task)) for task in per_task]
+        out[f"pass@{k}"] = sum(solved) / len(solved) if solved else math.nan
+        out[f"pass@{k}_se"] = standard_error(solved)
     mean_reward = [t["reward"] for g in scored for t in g if t["reward"] is not None]
     out["reward_mean"] = sum(mean_reward) / len(mean_reward) if mean_reward else math.nan
     return out

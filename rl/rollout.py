@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from model.loader import ModelSpec, build_model, load_tokenizer
 from rl.engines.base import Completion, Engine, SamplingParams
 from rl.engines.native import NativeEngine
 from rl.types import Trajectory
-from rl.weights import WeightGroup, from_arrays, recv_weights
+from rl.weights import WeightGroup, from_arrays, merge_buckets, recv_weights
 
 
 @dataclass
@@ -172,7 +173,7 @@ class RolloutWorker:
             )
         self.deterministic = deterministic
         self.batcher: Batcher | None = None
-        self._staged: dict[str, torch.Tensor] = {}
+        self._apply_lock = asyncio.Lock()  # one weight update at a time
         self.weight_group: WeightGroup | None = None
         self.weight_update_s = 0.0
 
@@ -297,23 +298,31 @@ class RolloutWorker:
 
     # -- weights ----------------------------------------------------------------------------------
 
-    async def receive_weights(self, bucket: dict[str, Any], version: int, last: bool) -> int:
-        """Stage one bucket of HF-named weights (rl/weights.to_arrays, fetched zero-copy from
-        the object store); on the last, apply them all between two decode steps (requests in
-        flight continue with the new weights)."""
-        self._staged.update(from_arrays(bucket))
-        if not last:
-            return self.engine.version
-        staged, self._staged = self._staged, {}
-        return await self._apply_weights(staged, version)
+    async def receive_weights(self, buckets: list[Any], version: int) -> int:
+        """One whole update: `buckets` are all its buckets of HF-named weights (rl/weights
+        to_arrays), as ObjectRefs inside the list (Ray passes nested refs unresolved) or as the
+        arrays themselves. Every bucket is fetched (zero-copy from the object store), then the
+        update is applied at once between two decode steps (requests in flight continue with the
+        new weights). One call per update, never one per bucket: Ray runs an async actor's calls
+        out of order, so a per-bucket protocol could apply an update before all of it arrived."""
+        arrays = await asyncio.gather(*(_fetch(b) for b in buckets))
+        return await self._apply_weights(merge_buckets([from_arrays(a) for a in arrays]), version)
 
     async def _apply_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        t0 = time.monotonic()
-        await asyncio.get_running_loop().run_in_executor(
-            None, self.engine.update_weights, weights, version
-        )
-        self.weight_update_s = time.monotonic() - t0
-        return self.engine.version
+        """Updates apply one at a time and never go back: an update older than the engine's
+        version (updates reordered on their way) is an error, not a silent rollback."""
+        async with self._apply_lock:
+            if version < self.engine.version:
+                raise RuntimeError(
+                    f"worker {self.worker_id}: the update to policy version {version} arrived "
+                    f"after version {self.engine.version} (weight updates out of order)"
+                )
+            t0 = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.update_weights, weights, version
+            )
+            self.weight_update_s = time.monotonic() - t0
+            return self.engine.version
 
     # weight_sync.method=collective: this worker is one receiver of the learner's broadcast
 
@@ -348,3 +357,8 @@ class RolloutWorker:
             "generated_tokens": self.batcher.generated_tokens if self.batcher else 0,
             "weight_update_s": self.weight_update_s,
         }
+
+
+async def _fetch(bucket: Any) -> Any:
+    """A bucket's arrays: awaited when it is an ObjectRef (in an async actor), else as given."""
+    return await bucket if inspect.isawaitable(bucket) else bucket

@@ -284,6 +284,41 @@ def test_prepacked_kernels_match_the_plain_ones():
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
 
 
+def test_every_update_reaches_the_packed_weights_even_from_reused_storage():
+    """The packed copies are rebuilt on every update, whatever the source tensors: a learner that
+    sends the same buffers again (same data_ptr, new values) is followed, update after update,
+    exactly as a fresh engine built on those weights would sample."""
+    prompts = [[1, 2, 3], list(range(5, 25))]
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3)
+    engine = NativeEngine(tiny(4))  # prepacked where the kernel exists
+    source = to_hf_state_dict(tiny(5).state_dict(), tiny(5).config)  # reused for every update
+    for version in (1, 2, 3):
+        with torch.no_grad():
+            for t in source.values():
+                t.mul_(0.9).add_(0.01 * version)  # new values, same storage
+        engine.update_weights(source, version=version)
+        fresh_engine = NativeEngine(tiny(4), prepack=bool(engine._packers))
+        fresh_engine.update_weights(copy.deepcopy(source), version=version)
+        a, b = engine.generate(prompts, params), fresh_engine.generate(prompts, params)
+        for x, y in zip(a, b):
+            assert x.versions == [version] * len(x.token_ids)
+            assert x.token_ids == y.token_ids and x.logprobs == y.logprobs
+
+
+def test_a_bad_update_changes_nothing():
+    """An update is applied whole or not at all: a bad tensor anywhere in it (here the last)
+    leaves every weight and the version as they were."""
+    engine = NativeEngine(tiny(0))
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    update = {k: v + 1 for k, v in to_hf_state_dict(tiny(1).state_dict(), tiny(1).config).items()}
+    del update["model.norm.weight"]
+    update["model.norm.weight"] = torch.ones(3)  # the wrong shape, after all the good ones
+    with pytest.raises(ValueError, match="shape"):
+        engine.update_weights(update, version=1)
+    assert engine.version == 0
+    assert all(torch.equal(v, before[k]) for k, v in engine.model.state_dict().items())
+
+
 def test_top_p_fast_path_equals_a_full_sort(monkeypatch):
     from rl.engines import native
 

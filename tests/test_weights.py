@@ -16,6 +16,7 @@ from rl.weights import (
     WeightSyncConfig,
     flatten,
     from_arrays,
+    merge_buckets,
     recv_weights,
     resolve_backend,
     send_weights,
@@ -58,6 +59,16 @@ def test_flatten_then_unflatten_is_the_identity():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     with pytest.raises(ValueError, match="plan"):
         unflatten(flat[:-1], [(k, tuple(v.shape)) for k, v in sd.items()])
+
+
+def test_merge_buckets_rebuilds_one_update_and_refuses_a_mixed_one():
+    sd = mixed_state_dict()
+    buckets = split_state_dict(sd, 1024, by_dtype=True)
+    merged = merge_buckets(buckets)
+    assert list(merged) == list(sd) and all(merged[k] is sd[k] for k in sd)
+    with pytest.raises(ValueError, match="'lm_head.weight' appears twice"):
+        merge_buckets([*buckets, {"lm_head.weight": sd["lm_head.weight"] + 1}])
+    assert merge_buckets([]) == {}
 
 
 def test_object_store_buckets_round_trip_bit_for_bit_bf16_included(ray_local):

@@ -66,9 +66,13 @@ class Engine(abc.ABC):
     def update_weights(
         self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Load (a bucket of) Hugging Face-named tensors and set the policy version. Requests in
-        flight continue with the new weights from their next token on; their KV cache, written by
-        the old weights, is kept (as in PipelineRL and CWM), and `versions` records the mix."""
+        """Load one whole update of Hugging Face-named tensors and set the policy version, at
+        once between two decode steps: no token is sampled on part of an update, and a version
+        is never stamped before all of its tensors (and any copy an engine derives from them,
+        such as packed weights) are in place. Callers pass an update whole, never bucket by
+        bucket. Requests in flight continue with the new weights from their next token on;
+        their KV cache, written by the old weights, is kept (as in PipelineRL and CWM), and
+        `versions` records the mix."""
 
     def pause(self) -> None:  # noqa: B027 - optional for engines without in-flight requests
         """Stop starting decode steps (in-flight requests wait, nothing is lost)."""

@@ -100,21 +100,26 @@ class NativeEngine(Engine):
     def update_weights(
         self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        items = weights.items() if isinstance(weights, Mapping) else weights
+        """All of an update or nothing: every tensor is checked before any is copied; then, between
+        two decode steps, the copies, the refresh of the packed weights and the new version."""
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
         params = dict(self.model.named_parameters())
+        targets = []
+        for hf, tensor in items:
+            name = native_name(hf)
+            if name is None:
+                continue
+            if name not in params:
+                raise KeyError(f"update_weights: unknown parameter {hf!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(
+                    f"update_weights: {hf!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(params[name].shape)}"
+                )
+            targets.append((params[name], tensor))
         with self._step_lock:
-            for hf, tensor in items:
-                name = native_name(hf)
-                if name is None:
-                    continue
-                if name not in params:
-                    raise KeyError(f"update_weights: unknown parameter {hf!r}")
-                if params[name].shape != tensor.shape:
-                    raise ValueError(
-                        f"update_weights: {hf!r} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(params[name].shape)}"
-                    )
-                params[name].copy_(tensor)
+            for param, tensor in targets:
+                param.copy_(tensor)
             cpu_kernels.repack(self._packers)
             self.version = version
 
