@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"policy: {hf if hf.parent != Path(scratch) else policy}")
     for env, r in results.items():
         print(f"\n{env}: {r['tasks']} held-out tasks")
-        for key in sorted(k for k in r if k.startswith("pass@")):
-            print(f"  {key:<8} {r[key]:.3f}")
+        for key in sorted(k for k in r if k.startswith("pass@") and not k.endswith("_se")):
+            se = r.get(f"{key}_se")
+            print(f"  {key:<8} {r[key]:.3f}" + (f" ± {se:.3f}" if se == se else ""))
         print(f"  {'reward':<8} {r['reward_mean']:.3f}   errors {r['errors']}")
     if ns.out:
         Path(ns.out).write_text(json.dumps(results, indent=2))

@@ -149,15 +149,25 @@ class RunLog:
 
 
 def eval_table(before: dict[str, dict], after: dict[str, dict]) -> str:
-    """A markdown table of held-out results per environment, before vs after training."""
+    """A markdown table of held-out results per environment, before vs after training, each
+    with its standard error over tasks (+-)."""
     lines = ["| env | tasks | metric | before | after | change |", "|---|---:|---|---:|---:|---:|"]
+
+    def cell(result: dict, metric: str) -> str:
+        value, se = result.get(metric), result.get(f"{metric}_se")
+        if value is None:
+            return ""
+        return f"{value:.3f}" if se is None or not math.isfinite(se) else f"{value:.3f} ± {se:.3f}"
+
     for env in sorted(after):
-        for metric in sorted(k for k in after[env] if k.startswith("pass@")):
+        metrics = [k for k in after[env] if k.startswith("pass@") and not k.endswith("_se")]
+        for metric in sorted(metrics):
             b, a = before.get(env, {}).get(metric), after[env][metric]
             change = "" if b is None else f"{a - b:+.3f}"
-            b_text = "" if b is None else f"{b:.3f}"
+            b_text = cell(before.get(env, {}), metric)
+            a_text = cell(after[env], metric)
             lines.append(
-                f"| {env} | {after[env]['tasks']} | {metric} | {b_text} | {a:.3f} | {change} |"
+                f"| {env} | {after[env]['tasks']} | {metric} | {b_text} | {a_text} | {change} |"
             )
     return "\n".join(lines)
 

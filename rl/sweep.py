@@ -422,7 +422,11 @@ def final_values(run_dir: Path, metrics: list[str], last_steps: int = 1) -> dict
         for when in ("before", "after"):
             for env, results in (summary.get(when) or {}).items():
                 for metric, value in results.items():
-                    if metric.startswith("pass@") and isinstance(value, int | float):
+                    if (
+                        metric.startswith("pass@")
+                        and not metric.endswith("_se")
+                        and isinstance(value, int | float)
+                    ):
                         out[f"eval/{env}/{metric}/{when}"] = float(value)
     return out
 

@@ -201,3 +201,23 @@ def test_pass_at_k_leaves_unavailable_rewards_out_instead_of_counting_misses():
     assert out["reward_mean"] == pytest.approx(1 / 3)
     empty = pass_at_k([[t(None, "env_error")]], 2)
     assert empty["tasks"] == 0 and empty["pass@1"] != empty["pass@1"]  # NaN, not 0
+
+
+def test_standard_errors_over_tasks_in_results_and_the_eval_table():
+    from rl.orchestrator import pass_at_k
+    from rl.runlog import eval_table
+
+    def group(*rewards):
+        return [{"reward": r, "status": "ok"} for r in rewards]
+
+    one_each = [group(1.0)] * 16 + [group(0.0)] * 48  # 64 tasks, p = 0.25
+    out = pass_at_k(one_each, 1)
+    # by hand: sample std of 16 ones and 48 zeros, over sqrt(64)
+    assert out["pass@1_se"] == pytest.approx(((0.25 * 0.75 * 64 / 63) ** 0.5) / 8)
+    two_each = [group(1.0, 0.0)] * 4 + [group(1.0, 1.0)] * 4  # per-task means 0.5 and 1.0
+    out2 = pass_at_k(two_each, 2)
+    # eight task means, each 0.25 from their mean 0.75: sqrt(8 * 0.25**2 / 7 / 8)
+    assert out2["pass@1_se"] == pytest.approx((8 * 0.25**2 / 7 / 8) ** 0.5)
+    assert out2["pass@2"] == 1.0 and out2["pass@2_se"] == 0.0
+    table = eval_table({"math": out}, {"math": out})
+    assert "0.250 ± 0.055" in table and "pass@1_se" not in table
