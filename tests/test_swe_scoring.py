@@ -188,3 +188,20 @@ def test_docker_backend_scores_oracle_and_empty(docker_instances, use_task_image
         assert score_patch(instance, near_miss(instance), spec).reward == 0.0
     empty = score_patch(docker_instances[0], "", spec)
     assert (empty.reward, empty.resolved) == (-1.0, False)
+
+
+def test_docker_backend_oracle_and_near_miss_on_every_task(docker_instances, instances) -> None:
+    """Every built task on the docker backend (repository copied into the host image): the
+    oracle +1, a near miss 0; the empty patch -1 on a spread of them."""
+    spec = SandboxSpec(backend="docker", use_task_images=False, memory_mb=1024)
+    wrong = {}
+    for i, instance in enumerate(instances):
+        got = (
+            score_patch(instance, instance.patch, spec).reward,
+            score_patch(instance, near_miss(instance), spec).reward,
+        )
+        if i % 6 == 0:
+            got += (score_patch(instance, "", spec).reward,)
+        if got != (1.0, 0.0, -1.0)[: len(got)]:
+            wrong[instance.instance_id] = got
+    assert wrong == {}
