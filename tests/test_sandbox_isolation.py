@@ -37,7 +37,15 @@ from pathlib import Path
 import pytest
 from conftest import require
 
-from envs.sandbox import IsolationError, SandboxError, SandboxLimits, cgroups, local, make_sandbox
+from envs.sandbox import (
+    IsolationError,
+    SandboxError,
+    SandboxLimits,
+    cgroups,
+    forkserver,
+    local,
+    make_sandbox,
+)
 from envs.sandbox.cgroups import CgroupSet, CgroupUnavailable
 from envs.sandbox.forkserver import ForkServer, forkserver_unavailable_reason, shared_forkserver
 from envs.sandbox.local import LocalSandbox, bwrap_argv, bwrap_path
@@ -140,7 +148,7 @@ def test_missing_bubblewrap_allowed_runs_and_warns_once(no_bwrap, fresh_warnings
     assert "WITHOUT bubblewrap" in warnings[0] and "apt-get install bubblewrap" in warnings[0]
 
 
-def test_missing_cgroups_are_refused_and_named(no_cgroups) -> None:
+def test_missing_cgroups_are_refused_and_named(no_cgroups, monkeypatch) -> None:
     require_bwrap()
     with pytest.raises(IsolationError) as raised:
         LocalSandbox()
@@ -155,6 +163,8 @@ def test_missing_cgroups_are_refused_and_named(no_cgroups) -> None:
         with pytest.raises(IsolationError, match="the fork server refuses") as raised:
             ForkServer()
         assert raised.value.layers == ("cgroups",)
+        # a server shared earlier in this process keeps its cgroups; a new one must refuse
+        monkeypatch.setattr(forkserver, "_shared", {})
         with pytest.raises(IsolationError):
             shared_forkserver()
 

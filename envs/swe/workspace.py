@@ -112,8 +112,8 @@ __swe_save() {
   declare -f > "$__swe_state/functions"
   if [ "$__swe_tmp" = 1 ]; then
     if [ -n "$(ls -A /tmp 2>/dev/null)" ] \
-      && [ "$(du -sk /tmp 2>/dev/null | cut -f1)" -lt 65536 ]; then
-      tar -cf "$__swe_state/tmp.tar" -C /tmp . 2>/dev/null
+      && [ "$(du -skx /tmp 2>/dev/null | cut -f1)" -lt 65536 ]; then
+      tar --one-file-system -cf "$__swe_state/tmp.tar" -C /tmp . 2>/dev/null
     else
       rm -f "$__swe_state/tmp.tar"
     fi
@@ -293,13 +293,23 @@ for path in git("ls-files", "-z", "--others").decode("utf-8", "replace").split("
     if path and digest(path) in paths:
         hits.append([digest(path), "files", path])
 done = set()
+def same_device(path, device):
+    try:
+        return os.lstat(path).st_dev == device
+    except OSError:
+        return False
 for root in roots:
+    try:
+        device = os.stat(root).st_dev  # not into other mounts (the Python prefix bound in /tmp)
+    except OSError:
+        continue
     for directory, dirs, files in os.walk(root):
         directory = os.path.realpath(directory)
         if directory in done or directory == os.path.join(repo, ".git", "objects"):
             dirs[:] = []
             continue
         done.add(directory)
+        dirs[:] = [d for d in dirs if same_device(os.path.join(directory, d), device)]
         for name in files:
             full = os.path.join(directory, name)
             relative = os.path.relpath(full, repo)
