@@ -29,6 +29,19 @@ def required_capabilities() -> set[str]:
     return {c.strip() for c in os.environ.get("CWM_RL_REQUIRE", "").split(",") if c.strip()}
 
 
+def host_processes_with(marker: str) -> list[int]:
+    """Pids of this host's processes whose command line contains `marker` (leftover checks)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def require(capability: str, available: bool, reason: str) -> None:
     """Skip the calling test when `capability` is missing, or fail if CI demands it."""
     if available:

@@ -13,10 +13,9 @@ import secrets
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import host_processes_with, require
 from docker.types import Mount
 
 from envs.sandbox import SandboxError, SandboxLimits, make_sandbox
@@ -62,18 +61,6 @@ def still_usable(box: DockerSandbox) -> None:
     assert lines[0] == "ok"
     # PID 1, its `sleep 1`, the exec's shell and ls/grep: at most 6 processes
     assert int(lines[1]) <= 6, f"processes left over: {lines[1]}"
-
-
-def host_processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import host_processes_with, require
 
 from envs.sandbox import (
     IsolationError,
@@ -64,18 +64,6 @@ def require_bwrap() -> None:
 def require_root() -> None:
     if not IS_ROOT:
         pytest.skip("needs root")
-
-
-def host_processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture
