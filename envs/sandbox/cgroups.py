@@ -60,7 +60,7 @@ def kill_pids_in(procs_files: list[str], timeout_s: float = KILL_WAIT_S) -> bool
             try:
                 with open(path) as f:
                     pids.update(int(line) for line in f if line.strip())
-            except FileNotFoundError:
+            except OSError:  # gone, or removed meanwhile (ENODEV): nothing to kill there
                 continue
         # A task being reaped can be listed as 0 (its pid already detached); kill(0) would hit
         # our own process group, so only positive pids, never ourselves.
