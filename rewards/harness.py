@@ -131,18 +131,25 @@ def candidate_main() -> None:
         replies.write(_line(message))
         replies.flush()
 
+    def guarded(stage: str, when: str, run, /, *args, **kwargs) -> tuple[bool, bool, object]:
+        """Run the program's code: (done, ok, value). An exit or exception is replied here:
+        an exit ends the candidate (done), an exception only this step (not ok)."""
+        try:
+            return False, True, run(*args, **kwargs)
+        except SystemExit as e:
+            reply(["exit", f"the program called exit({e.code!r}) {when}"])
+            return True, False, None
+        except BaseException as e:
+            import traceback
+
+            traceback.print_exc()
+            reply(["raise", type(e).__name__, _short(e), stage])
+            return stage == "loading", False, None
+
     job = json.loads(calls.readline())
     namespace = {"__name__": "__solution__"}
-    try:
-        exec(compile(job["solution"], "solution.py", "exec"), namespace)
-    except SystemExit as e:
-        reply(["exit", f"the program called exit({e.code!r}) while loading"])
-        return
-    except BaseException as e:
-        import traceback
-
-        traceback.print_exc()
-        reply(["raise", type(e).__name__, _short(e), "loading"])
+    done, ok, _ = guarded("loading", "while loading", _load, job["solution"], namespace)
+    if done or not ok:
         return
     function = namespace.get(job["entry_point"])
     if not callable(function):
@@ -152,16 +159,10 @@ def candidate_main() -> None:
     for line in calls:
         request = json.loads(line)
         args, kwargs = decode(request[0]), decode(request[1])
-        try:
-            result = function(*args, **kwargs)
-        except SystemExit as e:
-            reply(["exit", f"the program called exit({e.code!r}) during a call"])
+        done, ok, result = guarded("call", "during a call", function, *args, **kwargs)
+        if done:
             return
-        except BaseException as e:
-            import traceback
-
-            traceback.print_exc()
-            reply(["raise", type(e).__name__, _short(e), "call"])
+        if not ok:
             continue
         try:
             reply(["ok", encode(result)])
@@ -169,6 +170,10 @@ def candidate_main() -> None:
             reply(["nonplain", str(e)])
         except RecursionError:
             reply(["nonplain", "a value nested too deeply"])
+
+
+def _load(solution: str, namespace: dict) -> None:
+    exec(compile(solution, "solution.py", "exec"), namespace)
 
 
 def _short(error: BaseException) -> str:

@@ -247,8 +247,7 @@ def test_not_root_is_refused_with_a_hint_and_bwrap_still_isolates() -> None:
     require_root()
     require_bwrap()
     setpriv = local.setpriv_path()
-    if setpriv is None:
-        pytest.skip("setpriv is not installed")
+    require("bwrap", setpriv is not None, "setpriv is not installed (apt-get install util-linux)")
     secret = Path(f"/tmp/cwm-secret-{secrets.token_hex(6)}")
     secret.write_text("hidden")
     secret.chmod(0o644)
@@ -292,8 +291,9 @@ def test_isolated_program_cannot_read_host_files_outside_its_work_dir(backend: s
     """Files a test leaves in /tmp, in the repository and in another sandbox's work dir, all
     readable by anyone on the host, are invisible from inside."""
     require_bwrap()
-    if backend == "forkserver" and forkserver_unavailable_reason() is not None:
-        pytest.skip(forkserver_unavailable_reason())
+    if backend == "forkserver":
+        reason = forkserver_unavailable_reason()
+        require("bwrap", reason is None, reason or "")
     token = secrets.token_hex(8)
     tmp_secret = Path(f"/tmp/cwm-secret-{token}")
     repo_secret = REPO / f".cwm-secret-{token}"
