@@ -81,12 +81,23 @@ def lr_lambda(optim: OptimConfig):
 
 
 def token_logprobs(
-    model: torch.nn.Module, mb: MicroBatch, temperature: float, chunk: int
+    model: torch.nn.Module,
+    mb: MicroBatch,
+    temperature: float,
+    chunk: int,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each position's target token and the entropy of its distribution, both [T].
 
-    lm_head and the softmax run over chunks of positions under checkpointing, so the [T, V] logits
-    are never held whole."""
+    `positions` (a 1-D index into the row): run lm_head and the softmax only there, the rest of
+    both outputs is 0. The loss reads only the positions whose token the policy sampled, so the
+    learner passes those: the output layer (a fifth of a small model's work per position) skips
+    the prompt and tool-result tokens, which are most of a row. The body still runs on every
+    position (later tokens attend to them).
+
+    lm_head and the softmax run over chunks of `chunk` positions; with more than one chunk and
+    gradients on, each chunk is recomputed in the backward pass (checkpointing), so the [T, V]
+    logits are never held whole. One chunk is not recomputed: its recompute would hold as much."""
     targets = mb.target_ids[0]
 
     def head_chunk(h: torch.Tensor, t: torch.Tensor, lm_head: torch.nn.Linear):
@@ -95,17 +106,27 @@ def token_logprobs(
         return logp.gather(-1, t[:, None])[:, 0], entropy
 
     def head(hidden: torch.Tensor, lm_head: torch.nn.Linear):
-        hidden = hidden[0]
+        hidden, tgt = hidden[0], targets
+        if positions is not None:
+            hidden, tgt = hidden.index_select(0, positions), tgt.index_select(0, positions)
+        n = hidden.shape[0]
+        recompute = torch.is_grad_enabled() and n > chunk
         lps, ents = [], []
-        for s in range(0, hidden.shape[0], chunk):
-            args = (hidden[s : s + chunk], targets[s : s + chunk], lm_head)
-            if torch.is_grad_enabled():
+        for s in range(0, n, chunk):
+            args = (hidden[s : s + chunk], tgt[s : s + chunk], lm_head)
+            if recompute:
                 lp, ent = checkpoint(head_chunk, *args, use_reentrant=False)
             else:
                 lp, ent = head_chunk(*args)
             lps.append(lp)
             ents.append(ent)
-        return torch.cat(lps), torch.cat(ents)
+        lp = torch.cat(lps) if lps else hidden.new_zeros(0, dtype=torch.float32)
+        ent = torch.cat(ents) if ents else hidden.new_zeros(0, dtype=torch.float32)
+        if positions is None:
+            return lp, ent
+        T = targets.shape[0]
+        scatter = lambda x: x.new_zeros(T).index_copy(0, positions, x)  # noqa: E731
+        return scatter(lp), scatter(ent)
 
     return model(mb.input_ids, mb.position_ids, head=head)
 
@@ -217,17 +238,25 @@ class Learner:
         rounds = max(1, math.ceil(len(mbs) / self.world_size))
         self.model.train()
         stats = grpo.MetricSums()
+        t0 = time.perf_counter()
         for r in range(rounds):
             weight = 1.0 if r < len(mine) else 0.0
             mb = (mine[r] if r < len(mine) else mbs[0]).to(self.device)
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(r == rounds - 1)
+            # the loss reads only the sampled positions: the output layer runs only there
+            # (at least one, masked out, so the backward reaches every parameter on every rank)
+            trained = mb.loss_mask[0].nonzero()[:, 0]
+            if trained.numel() == 0:
+                trained = trained.new_zeros(1)
             if self.ref_model is not None:
                 with torch.no_grad():
                     mb.ref_logprobs = token_logprobs(
-                        self.ref_model, mb, cfg.logprob_temperature, cfg.logprob_chunk
+                        self.ref_model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained
                     )[0][None]
-            lp, entropy = token_logprobs(self.model, mb, cfg.logprob_temperature, cfg.logprob_chunk)
+            lp, entropy = token_logprobs(
+                self.model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained
+            )
             # one optimizer step per batch: the learner's pre-step log-probs are these (for TIS)
             mb.old_logprobs = lp.detach()[None]
             loss, parts = grpo.packed_policy_loss(
@@ -237,7 +266,9 @@ class Learner:
             self._backward(loss * weight * self.world_size)
             if weight:
                 stats.add(parts)
+        t1 = time.perf_counter()
         grad_norm = self._optimizer_step()
+        t2 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
@@ -245,6 +276,7 @@ class Learner:
         metrics.update(
             grad_norm=float(grad_norm), lr=lr, learner_step=self.step, micro_batches=len(mbs),
             packed_tokens=sum(mb.num_tokens for mb in mbs),
+            forward_backward_s=t1 - t0, optimizer_s=t2 - t1,
         )  # fmt: skip
         return metrics
 

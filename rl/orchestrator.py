@@ -451,7 +451,10 @@ class Orchestrator:
             for g in groups:
                 self.buffer.add(g)
             taken, _ = self.buffer.take(cfg.groups_per_step, self.step)
+            t_learn = time.monotonic()
             metrics = self.learner_get(self._train(taken), "a training step")
+            metrics["time/rollout_s"] = t_learn - t0
+            metrics["time/learner_s"] = time.monotonic() - t_learn
             self.step += 1
             self.check_sampler_agreement(metrics)
             sync_s = self.sync_weights(self.step)

@@ -151,6 +151,7 @@ def test_deepspeed_two_ranks_equal_fsdp_one_process(batch, request):
     m1 = fsdp.train_step(batch)
     assert sds[1] == {}  # the full state dict lands on rank 0
     assert max_diff(sds[0], fsdp.hf_state_dict()) < 1e-5
-    assert metrics[0] == metrics[1]
+    untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}  # noqa: E731
+    assert untimed(metrics[0]) == untimed(metrics[1])  # all reduced over both ranks
     assert metrics[0]["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
     assert metrics[0]["loss"] == pytest.approx(m1["loss"], abs=1e-6)
