@@ -68,6 +68,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     samples_per_step: int = 2  # trajectories written to samples.jsonl per step
+    # every trained trajectory (token ids, loss mask, behaviour log-probs, versions, reward,
+    # status), step by step, to trajectories.jsonl: for debugging and for replaying a run's
+    # batches through another trainer (benchmarks/peer_trl.py --replay)
+    save_trajectories: bool = False
     max_worker_restarts: int = 10  # rollout workers restarted after a crash before giving up
     failures: FailuresConfig = field(default_factory=FailuresConfig)  # rl/health.py
     progress: bool = True  # a progress bar on stderr

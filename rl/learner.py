@@ -27,7 +27,7 @@ from rl import checkpoint as ckpt
 from rl import grpo
 from rl.packing import MicroBatch, build_micro_batch, pack
 from rl.parallelize import parallelize
-from rl.types import TrainBatch
+from rl.types import TrainBatch, Trajectory
 from rl.weights import WeightGroup, send_weights, to_arrays
 
 
@@ -224,6 +224,30 @@ class Learner:
         return out
 
     # -- the step --------------------------------------------------------------------------------
+
+    def train_on(self, trajectories: list[Trajectory], version: int) -> dict[str, float]:
+        """GRPO on one side: a step's trajectories (sampled up to policy `version`) -> group
+        advantages (rl.grpo.build_train_batch) -> one optimizer step. Returns the batch's
+        metrics (batch/*, staleness/*) and the step's (train/*); a batch left empty (every
+        trajectory excluded or filtered) skips the step (train/skipped = 1). Every rank builds
+        the same batch from the same trajectories."""
+        batch = grpo.build_train_batch(trajectories, self.config.loss)
+        metrics: dict[str, float] = {
+            "batch/excluded": batch.num_excluded,
+            "batch/filtered_groups": batch.num_filtered_groups,
+            "batch/trajectories": len(batch.trajectories),
+        }
+        if not batch.trajectories:
+            metrics["train/skipped"] = 1
+            return metrics
+        for key, value in self.train_step(batch).items():  # timings (*_s) go with the others
+            metrics[f"time/{key}" if key.endswith("_s") else f"train/{key}"] = value
+        lags = [
+            version - v for t in batch.trajectories for v, m in zip(t.versions, t.loss_mask) if m
+        ]
+        metrics["staleness/max_token_lag"] = max(lags)
+        metrics["staleness/mean_token_lag"] = sum(lags) / len(lags)
+        return metrics
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on a TrainBatch (trajectories + per-token advantages)."""

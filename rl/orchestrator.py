@@ -26,7 +26,6 @@ from envs import registry
 from envs.base import Task
 from model.loader import load_tokenizer
 from rl import checkpoint as ckpt
-from rl import grpo
 from rl.buffer import Buffer, Group
 from rl.config import RunConfig, to_yaml
 from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
@@ -72,6 +71,15 @@ class InFlight:
     handle: object  # the actor it was sent to (a replaced worker's groups are resubmitted)
 
 
+@dataclass
+class Training:
+    """A learner step under way: one ref per learner rank (rank 0's carries the metrics) and the
+    groups it trains on."""
+
+    refs: list
+    groups: list[Group]
+
+
 class Orchestrator:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None):
         self.cfg = cfg
@@ -100,6 +108,7 @@ class Orchestrator:
         self.pending_acks: list = []  # weight update not yet acknowledged by every worker
         self.weight_group_ready = False  # weight_sync.method=collective: the group is formed
         self.faults = {"worker_restarts": 0, "weight_sync_failures": 0}
+        self.checkpoint_s: float | None = None  # seconds the last save took (next row logs it)
         self.health = CircuitBreaker(cfg.failures)  # infrastructure failure stops the run
 
     # -- actors -----------------------------------------------------------------------------------
@@ -421,14 +430,23 @@ class Orchestrator:
         metrics.update({f"faults/{k}": v for k, v in self.faults.items()})
         verdict = self.health.observe(outcomes(t for g in groups for t in g.trajectories))
         metrics.update(verdict.metrics)
+        if self.checkpoint_s is not None:  # the previous step's save (after its row was written)
+            metrics["time/checkpoint_s"], self.checkpoint_s = self.checkpoint_s, None
+        # the step's rows first, then its checkpoint: a run killed in between resumes from the
+        # previous checkpoint and drops these rows (RunLog.truncate_after); the other order
+        # would resume past a step whose rows were never written
+        self.log.metrics(self.step, metrics)
+        self.log.samples(self.step, self._samples(groups))
+        self.log.trained(self.step, [(g.group_id, g.task.id) for g in groups])
+        if self.cfg.save_trajectories:
+            self.log.trajectories(
+                self.step, [(g.group_id, [t.to_dict() for t in g.trajectories]) for g in groups]
+            )
         every = self.cfg.checkpoint.every
         if (every and self.step % every == 0) or self.step == self.cfg.steps:
             t_ckpt = time.monotonic()
             self.save_checkpoint()
-            metrics["time/checkpoint_s"] = time.monotonic() - t_ckpt
-        self.log.metrics(self.step, metrics)
-        self.log.samples(self.step, self._samples(groups))
-        self.log.trained(self.step, [(g.group_id, g.task.id) for g in groups])
+            self.checkpoint_s = time.monotonic() - t_ckpt
         if verdict.tripped:
             self.stop_unhealthy(verdict.message)
         bar.update(1)
@@ -452,7 +470,7 @@ class Orchestrator:
                 self.buffer.add(g)
             taken, _ = self.buffer.take(cfg.groups_per_step, self.step)
             t_learn = time.monotonic()
-            metrics = self.learner_get(self._train(taken), "a training step")
+            metrics = self._trained(self._train(taken))
             metrics["time/rollout_s"] = t_learn - t0
             metrics["time/learner_s"] = time.monotonic() - t_learn
             self.step += 1
@@ -486,18 +504,18 @@ class Orchestrator:
                 taken, stale = self.buffer.take(cfg.groups_per_step, self.step)
                 self.retry += [g.task for g in stale]
                 if len(taken) == cfg.groups_per_step:
-                    training = (self._train(taken), taken)
+                    training = self._train(taken)
                 else:  # not enough fresh groups: put them back, generate more
                     self.buffer.groups.extendleft(reversed(taken))
                     continue
-            waiting = list(inflight) + ([training[0]] if training else [])
+            waiting = list(inflight) + ([training.refs[0]] if training else [])
             ready, _ = ray.wait(waiting, num_returns=1)
             ref = ready[0]
-            if training and ref == training[0]:
-                metrics = self.learner_get(ref, "a training step")
+            if training and ref == training.refs[0]:
+                metrics = self._trained(training)
                 self.step += 1
                 sync_s = self.sync_weights(self.step, wait=False)
-                self._log_step(metrics, bar, t_step, sync_s, training[1])
+                self._log_step(metrics, bar, t_step, sync_s, training.groups)
                 t_step, training = time.monotonic(), None
             else:
                 item = inflight.pop(ref)
@@ -518,10 +536,20 @@ class Orchestrator:
                 list(inflight), num_returns=len(inflight), timeout=cfg.rollout.episode_timeout_s
             )
 
-    def _train(self, groups: list[Group]):
-        """Start a learner step on `groups` at policy version self.step; returns a ref to its
-        metrics (a Ray task, so the async driver keeps receiving rollouts meanwhile)."""
-        return _train_step.remote(self.learners, groups, self.cfg.learner.loss, self.step)
+    def _train(self, groups: list[Group]) -> Training:
+        """Start a learner step on `groups` at policy version self.step on every rank (each
+        builds the advantages and the loss: rl.learner.Learner.train_on); returns at once, so the
+        async loop keeps receiving rollouts meanwhile."""
+        trajs = [t for g in groups for t in g.trajectories]
+        refs = [a.train_on.remote(trajs, self.step) for a in self.learners]
+        return Training(refs, groups)
+
+    def _trained(self, training: Training) -> dict:
+        """The finished step's metrics (rank 0's: reduced over ranks) and the rollouts'."""
+        results = self.learner_get(training.refs, "a training step")
+        metrics = rollout_metrics([t for g in training.groups for t in g.trajectories])
+        metrics.update(results[0])
+        return metrics
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -607,30 +635,6 @@ class Orchestrator:
                 }
             )
         return rows
-
-
-@ray.remote(num_cpus=0)
-def _train_step(learners, groups: list[Group], loss_cfg, version: int) -> dict:
-    """Advantages, then one step on every learner rank; reward, batch and staleness metrics."""
-    trajs = [t for g in groups for t in g.trajectories]
-    batch = grpo.build_train_batch(trajs, loss_cfg)
-    metrics = rollout_metrics(trajs)
-    metrics.update(
-        {
-            "batch/excluded": batch.num_excluded,
-            "batch/filtered_groups": batch.num_filtered_groups,
-            "batch/trajectories": len(batch.trajectories),
-        }
-    )
-    if not batch.trajectories:
-        metrics["train/skipped"] = 1
-        return metrics
-    results = ray.get([a.train_step.remote(batch) for a in learners])
-    metrics.update({f"train/{k}": v for k, v in results[0].items()})
-    lags = [version - v for t in batch.trajectories for v, m in zip(t.versions, t.loss_mask) if m]
-    metrics["staleness/max_token_lag"] = max(lags)
-    metrics["staleness/mean_token_lag"] = sum(lags) / len(lags)
-    return metrics
 
 
 def logprob_diff_bound(cfg: RunConfig) -> float | None:

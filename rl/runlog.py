@@ -1,5 +1,6 @@
 """What a run writes to its directory (runs/NAME/): config.yaml, provenance.json, metrics.jsonl,
-TensorBoard events, samples.jsonl, trained.jsonl, reward_curve.png and eval.json / eval.md."""
+TensorBoard events, samples.jsonl, trained.jsonl, trajectories.jsonl (save_trajectories),
+reward_curve.png and eval.json / eval.md."""
 
 from __future__ import annotations
 
@@ -89,6 +90,13 @@ class RunLog:
         with open(self.dir / "trained.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def trajectories(self, step: int, groups: list[tuple[str, list[dict]]]) -> None:
+        """trajectories.jsonl: every trajectory of the groups a step trained on (to_dict form),
+        group by group in training order."""
+        row = {"step": step, "groups": [{"group_id": g, "trajectories": t} for g, t in groups]}
+        with open(self.dir / "trajectories.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def read_metrics(self) -> list[dict]:
         path = self.dir / "metrics.jsonl"
         if not path.exists():
@@ -97,7 +105,7 @@ class RunLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop metric rows past `step` (a resumed run rewrites them)."""
-        for name in ("metrics.jsonl", "samples.jsonl", "trained.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "trained.jsonl", "trajectories.jsonl"):
             path = self.dir / name
             if path.exists():
                 keep = []

@@ -10,6 +10,7 @@ from rl_utils import TINY_RUN as TINY
 
 from rl.config import load_config
 from rl.orchestrator import Orchestrator
+from rl.types import Trajectory
 
 
 def run(tmp_path, name: str, *overrides: str) -> list[dict]:
@@ -109,8 +110,11 @@ def test_bad_config_is_named_before_anything_starts(override, message):
 
 def test_resume_continues_exactly(ray_local, tmp_path):
     """2 steps, stop, resume to 4 steps == 4 steps straight (sync mode, CPU)."""
-    straight = run(tmp_path, "straight", "steps=4", "checkpoint.every=1")
-    run(tmp_path, "part", "steps=2", "checkpoint.every=1")
+    save = "save_trajectories=true"
+    straight = run(tmp_path, "straight", "steps=4", "checkpoint.every=1", save)
+    run(tmp_path, "part", "steps=2", "checkpoint.every=1", save)
+    lines = lambda d, f: (tmp_path / d / f).read_text().splitlines()  # noqa: E731
+    lines_of_part = len(lines("part", "trajectories.jsonl"))
     cfg = load_config(tmp_path / "part" / "config.yaml", ["steps=4"])
     Orchestrator(cfg, tmp_path / "part").run(resume=True)
     resumed = [
@@ -119,6 +123,28 @@ def test_resume_continues_exactly(ray_local, tmp_path):
     train = lambda rows: [r for r in deterministic_part(rows) if "train/loss" in r]  # noqa: E731
     assert len(train(resumed)) == 4
     assert train(resumed) == train(straight)
+    # every trained trajectory, step by step: the resumed run's equal the straight run's
+    assert lines_of_part == 2
+
+    def untimed(path):  # an episode's metrics carry its wall-clock seconds
+        rows = [json.loads(x) for x in lines(*path)]
+        for t in (t for r in rows for g in r["groups"] for t in g["trajectories"]):
+            assert t["metrics"].pop("seconds") >= 0
+        return rows
+
+    saved = untimed(("part", "trajectories.jsonl"))
+    assert saved == untimed(("straight", "trajectories.jsonl"))
+    trained = [json.loads(x) for x in lines("part", "trained.jsonl")]
+    assert [r["step"] for r in saved] == [1, 2, 3, 4]
+    assert [[g["group_id"] for g in r["groups"]] for r in saved] == [r["groups"] for r in trained]
+    trajs = [Trajectory.from_dict(t) for r in saved for g in r["groups"] for t in g["trajectories"]]
+    assert len(trajs) == 4 * 2 * 3 and all(t.num_sampled_tokens > 0 for t in trajs)
+    rewards = [
+        [t["reward"] for g in r["groups"] for t in g["trajectories"]] for r in saved
+    ]  # the logged reward/mean is the mean of the saved rewards
+    assert [sum(x) / len(x) for x in rewards] == pytest.approx(
+        [r["reward/mean"] for r in train(resumed)]
+    )
     ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000004"]  # keep=2
 
