@@ -23,11 +23,18 @@ Per seed, one after the other on the same cores:
             decoded as the rollout workers decode it (model/chat.py response_text),
           - the same settings, read from CONFIG (the mapping is in `trl_settings`; a config TRL
             cannot mirror stops here with the key named).
+Paired run (unless --no-replay): TRL's trainer once more, fed, batch for batch, the completions
+cwm-rl sampled (its trajectories.jsonl) instead of its own: both trainers then update from
+identical data, so the distance between the two final policies, relative to how far training moved
+them, measures how much the updates themselves differ, apart from sampling; TRL's reward for each
+replayed batch must equal cwm-rl's.
 Both final policies are then evaluated by the project's own evaluator (`python -m launch.eval
 POLICY CONFIG`: same held-out problems, greedy decoding, token budget); "before" is the base model
 through the same evaluator. Seconds per step exclude start-up and evaluation: cwm-rl's
 time/step_s (rollouts, learner step, weight sync; metrics.jsonl), TRL's Trainer step (generation,
-scoring, forward, backward, optimizer), both averaged over all steps.
+scoring, forward, backward, optimizer), both averaged over all steps. Where a step goes is printed too: cwm-rl's time/rollout_s,
+time/learner_s (time/forward_backward_s, time/optimizer_s) and time/weight_sync_s; TRL's
+_generate_and_score_completions and the rest of its step.
 
 Binomial standard error of a pass@1 p over n held-out problems: sqrt(p (1 - p) / n). Goals (issue
 13): held-out gain within noise of TRL's or better (mean gain difference cwm-rl - TRL >= -2 se of
@@ -262,7 +269,8 @@ def run_cwm_rl(config: Path, overrides: list[str], run_dir: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a reused run dir would append to its logs
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / "cwm-rl.log"
-    cmd = [sys.executable, "-m", "launch.train", str(config), *overrides, "progress=false"]
+    cmd = [sys.executable, "-m", "launch.train", str(config), *overrides, "progress=false",
+           "save_trajectories=true"]  # fmt: skip
     wall = run_logged([*cmd, "--run-dir", str(run_dir)], log)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     steps = [r for r in rows if "time/step_s" in r]
@@ -270,6 +278,10 @@ def run_cwm_rl(config: Path, overrides: list[str], run_dir: Path) -> dict:
     summary = json.loads((run_dir / "eval.json").read_text())
     return {
         "step_s": [r["time/step_s"] for r in steps],
+        "phases_s": {
+            phase: mean([r.get(f"time/{phase}_s", math.nan) for r in steps])
+            for phase in ("rollout", "learner", "forward_backward", "optimizer", "weight_sync")
+        },
         "reward_mean": [r.get("reward/mean") for r in steps],
         "trained_tasks": [t for row in trained for t in row["tasks"]],
         "in_run_before": summary["before"]["math"]["pass@1"],
@@ -278,7 +290,7 @@ def run_cwm_rl(config: Path, overrides: list[str], run_dir: Path) -> dict:
     }
 
 
-def run_trl(venv: Path, spec: dict, out: Path) -> dict:
+def run_trl(venv: Path, spec: dict, out: Path, replay: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec_path = out / "spec.json"
@@ -294,11 +306,39 @@ def run_trl(venv: Path, spec: dict, out: Path) -> dict:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": "",  # nothing of .venv leaks into the TRL interpreter
     }
-    wall = run_logged([str(venv / "bin" / "python"), str(DRIVER), str(spec_path), str(out)],
-                      out.parent / "trl.log", env)  # fmt: skip
+    cmd = [str(venv / "bin" / "python"), str(DRIVER), str(spec_path), str(out)]
+    if replay is not None:
+        cmd += ["--replay", str(replay)]
+    wall = run_logged(cmd, out.parent / f"{out.name}.log", env)
     result = json.loads((out / "result.json").read_text())
     result["wall_s"] = wall
     return result
+
+
+def update_agreement(base: Path, ours: Path, theirs: Path) -> dict:
+    """How far two trained policies (HF directories) are apart, relative to how far training
+    moved them: |theirs - ours| / |ours - base| over all weights (L2), and the largest element
+    difference against the largest element update."""
+    from safetensors.torch import load_file
+
+    def weights(d: Path) -> dict:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update({k: v.float() for k, v in load_file(str(f)).items()})
+        return out
+
+    b, o, t = weights(base), weights(ours), weights(theirs)
+    keys = sorted(set(b) & set(o) & set(t))
+    if not keys:
+        raise SystemExit(f"no weight names in common between {ours} and {theirs}")
+    diff = math.sqrt(sum(float((t[k] - o[k]).pow(2).sum()) for k in keys))
+    moved = math.sqrt(sum(float((o[k] - b[k]).pow(2).sum()) for k in keys))
+    return {
+        "relative_l2": diff / moved if moved else math.nan,
+        "max_abs_diff": max(float((t[k] - o[k]).abs().max()) for k in keys),
+        "max_abs_update": max(float((o[k] - b[k]).abs().max()) for k in keys),
+        "tensors": len(keys),
+    }
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -322,6 +362,11 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=REPO / "runs" / "peer_trl")
     ap.add_argument("--eval-tasks", type=int, help="held-out problems (development only)")
     ap.add_argument("--keep", action="store_true", help="keep cwm-rl's resumable checkpoints")
+    ap.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="skip the paired run (TRL trained on cwm-rl's own sampled batches)",
+    )
     ns = ap.parse_args()
     venv = ns.venv if ns.venv.is_absolute() else REPO / ns.venv
     config = ns.config.resolve()
@@ -367,6 +412,28 @@ def main() -> None:
             )
         print(f"seed {seed}: TRL, {cfg.steps} steps ...", flush=True)
         trl = run_trl(venv, spec, seed_dir / "trl")
+        paired = None
+        if not ns.no_replay:
+            print(f"seed {seed}: TRL on cwm-rl's sampled batches (replay) ...", flush=True)
+            replay = run_trl(
+                venv, spec, seed_dir / "trl-replay", seed_dir / "cwm-rl" / "trajectories.jsonl"
+            )
+            rewards_ours = [round(x, 6) for x in ours["reward_mean"]]
+            rewards_replay = [round(x, 6) for x in replay["reward_mean"]]
+            paired = {
+                **update_agreement(base_dir, seed_dir / "cwm-rl" / "hf", Path(replay["final"])),
+                # TRL scores the replayed completions itself: the same rewards, step by step
+                "rewards_equal": rewards_ours == rewards_replay,
+                "trl_train_s_per_step": mean(
+                    [a - b for a, b in zip(replay["step_s"], replay["generate_score_s"])]
+                ),
+            }
+            if not paired["rewards_equal"]:
+                print(f"warning: seed {seed}: TRL scored the replayed batches "
+                      f"{rewards_replay}, cwm-rl {rewards_ours}", flush=True)  # fmt: skip
+            paired["after"] = evaluate(
+                Path(replay["final"]), config, eval_over, seed_dir / "eval-trl-replay.json"
+            )["pass@1"]
         print(f"seed {seed}: evaluating both final policies ...", flush=True)
         ours_eval = evaluate(
             seed_dir / "cwm-rl" / "hf", config, eval_over, seed_dir / "eval-cwm-rl.json"
@@ -392,6 +459,15 @@ def main() -> None:
                 "cwm_rl_s_per_step": round(a, 3),
                 "trl_s_per_step": round(b, 3),
                 "speed_ratio": round(b / a, 3),
+                # where a step's seconds go: cwm-rl's metrics; TRL's generation + scoring
+                # (_generate_and_score_completions) and the rest of its step (loss, backward,
+                # clip, AdamW)
+                "cwm_rl_phases_s": {k: round(v, 3) for k, v in ours["phases_s"].items()},
+                "trl_phases_s": {
+                    "generate_score": round(mean(trl["generate_score_s"]), 3),
+                    "train": round(mean(trl["step_s"]) - mean(trl["generate_score_s"]), 3),
+                },
+                "paired": paired,
                 "cwm_rl_train_reward": [round(x, 4) for x in ours["reward_mean"] if x is not None],
                 "trl_train_reward": [round(x, 4) for x in trl["reward_mean"]],
                 "cwm_rl_in_run_after": ours["in_run_after"],
@@ -416,6 +492,27 @@ def main() -> None:
             flush=True,
         )
 
+    print("\nwhere a step goes (mean seconds): cwm-rl rollout / learner (forward+backward, AdamW) "
+          "/ weight sync; TRL generation+scoring / training")  # fmt: skip
+    for r in rows:
+        c, t = r["cwm_rl_phases_s"], r["trl_phases_s"]
+        print(
+            f"  seed {r['seed']}: cwm-rl {c['rollout']:.2f} / {c['learner']:.2f} "
+            f"({c['forward_backward']:.2f}, {c['optimizer']:.2f}) / {c['weight_sync']:.2f}; "
+            f"TRL {t['generate_score']:.2f} / {t['train']:.2f}"
+        )
+    if any(r["paired"] for r in rows):
+        print("\npaired: TRL trained on cwm-rl's own sampled batches (same data, both updates)")
+        for r in rows:
+            p = r["paired"]
+            if p:
+                print(
+                    f"  seed {r['seed']}: |TRL - cwm-rl| / |cwm-rl - base| = "
+                    f"{p['relative_l2']:.2e} (max element {p['max_abs_diff']:.1e} of "
+                    f"{p['max_abs_update']:.1e}); rewards equal: {p['rewards_equal']}; held-out "
+                    f"{p['after']:.3f} (cwm-rl {r['cwm_rl_after']:.3f}); TRL training "
+                    f"{p['trl_train_s_per_step']:.2f} s/step"
+                )
     print(f"\nheld-out pass@1 on {n} problems (± binomial se), seconds per step; TRL {trl['trl']}")
     head = f"{'seed':>4} {'before':>7} {'cwm-rl after':>14} {'TRL after':>14} "
     print(head + f"{'cwm-rl s/step':>13} {'TRL s/step':>10} {'speed':>6}")

@@ -2,7 +2,7 @@
 .venv-trl (TRL is no dependency of cwm-rl); benchmarks/peer_trl.py writes its input and reads its
 output. Not meant to be run by hand:
 
-    .venv-trl/bin/python benchmarks/peer_trl_driver.py SPEC.json OUT_DIR
+    .venv-trl/bin/python benchmarks/peer_trl_driver.py SPEC.json OUT_DIR [--replay TRAJ.jsonl]
 
 SPEC.json (written by peer_trl.py from this repository's own task source, in .venv) holds the base
 model directory, the training prompts in the order cwm-rl draws them (task id, answer, the prompt
@@ -13,6 +13,11 @@ task order against cwm-rl's order), so a tokenisation or ordering difference sto
 Rewards come from the repository's own scorer: the completion ids are turned into text by
 model/chat.py (as the rollout workers do) and judged by rewards.math.judge with the environment's
 options, the call envs/math.py makes.
+
+--replay: TRL generates nothing. Each batch's completions are the ones cwm-rl sampled at that
+step (a run's trajectories.jsonl, `save_trajectories=true`), row for row, so both trainers update
+from identical data; the final weights then differ only by the updates. The prompt ids of every
+replayed trajectory are checked against what TRL fed, the completion must be one turn.
 
 Writes OUT_DIR/final (the trained policy, an HF directory without tokenizer files) and
 OUT_DIR/result.json (seconds per step, per-step reward means, checks done)."""
@@ -57,14 +62,48 @@ class CheckedGRPOTrainer(GRPOTrainer):
     """GRPOTrainer that checks, for every generation batch, that the prompt token ids it fed the
     model are cwm-rl's (left padding removed) and that the tasks come in cwm-rl's order."""
 
-    def __init__(self, *args, expected_order: list[str], group_size: int, groups: int, **kw):
+    def __init__(
+        self,
+        *args,
+        expected_order: list[str],
+        group_size: int,
+        groups: int,
+        replay: list[list[dict]] | None = None,
+        **kw,
+    ):
         super().__init__(*args, **kw)
         self.expected_order, self.group_size, self.groups = expected_order, group_size, groups
+        self.replay = replay  # per batch: cwm-rl's trajectories in TRL's row order
         self.batches_checked = 0
         self.prompts_checked = 0
+        self.generate_score_s: list[float] = []  # generation + scoring (+ its log-prob passes)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *a):
+        if self.replay is None:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *a
+            )
+        b = self.batches_checked
+        rows = self.replay[b]
+        if len(rows) != len(prompt_ids):
+            raise SystemExit(
+                f"replay batch {b}: {len(rows)} trajectories, TRL has {len(prompt_ids)}"
+            )
+        completions = []
+        for i, (fed, t) in enumerate(zip(prompt_ids, rows)):
+            n = t["prompt_len"]
+            if list(fed) != t["tokens"][:n] or 0 in t["loss_mask"][n:]:
+                raise SystemExit(
+                    f"replay batch {b} row {i}: trajectory {t['group_id']} does not continue the "
+                    f"prompt TRL fed, or is not one sampled turn"
+                )
+            completions.append(t["tokens"][n:])
+        return completions, None
 
     def _generate_and_score_completions(self, inputs):
+        t0 = time.perf_counter()
         out = super()._generate_and_score_completions(inputs)
+        self.generate_score_s.append(time.perf_counter() - t0)
         b = self.batches_checked
         want = self.expected_order[b * self.groups : (b + 1) * self.groups]
         got = [x["task_id"] for x in inputs[:: self.group_size]]
@@ -91,6 +130,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--replay", type=Path, help="cwm-rl's trajectories.jsonl: train on those")
     ns = ap.parse_args()
     spec = json.loads(ns.spec.read_text())
     s = spec["settings"]
@@ -173,6 +213,16 @@ def main() -> int:
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
     )
+    replay = None
+    if ns.replay:
+        steps = [json.loads(x) for x in ns.replay.read_text().splitlines() if x.strip()]
+        replay = [[t for g in row["groups"] for t in g["trajectories"]] for row in steps]
+        replayed = [g["trajectories"][0]["task_id"] for row in steps for g in row["groups"]]
+        want = [t["id"] for t in tasks][: len(replayed)]
+        if replayed != want or len(replay) < s["steps"]:
+            raise SystemExit(
+                f"{ns.replay}: its tasks are not the spec's, or fewer than {s['steps']} steps"
+            )
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     timer = StepTimer()
     trainer = CheckedGRPOTrainer(
@@ -185,6 +235,7 @@ def main() -> int:
         expected_order=[t["id"] for t in tasks],
         group_size=s["group_size"],
         groups=s["groups_per_step"],
+        replay=replay,
     )
     if set(trainer.eos_token_ids) != set(chat.stop_token_ids):
         raise SystemExit(
@@ -201,6 +252,8 @@ def main() -> int:
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,
         "step_s": timer.seconds,
+        "generate_score_s": trainer.generate_score_s,
+        "replay": str(ns.replay) if ns.replay else None,
         "train_s": train_s,
         "reward_mean": rewards,
         "batches_checked": trainer.batches_checked,
