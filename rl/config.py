@@ -7,7 +7,12 @@ combination -> a ConfigError naming the key).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from envs import registry
 from envs.base import ConfigError
 from model.loader import ModelSpec
+from rl import grpo
 from rl.health import FailuresConfig
 from rl.learner import LearnerConfig
 from rl.rollout import RolloutConfig
@@ -81,31 +87,215 @@ class RunConfig:
     max_logprob_diff: float | None = None
 
 
-def _check(cfg: RunConfig) -> None:
-    """Cross-field checks the types cannot express; each error names its key."""
-    if cfg.mode not in ("sync", "async"):
-        raise ConfigError(f"key 'mode' must be sync or async, got {cfg.mode!r}")
-    if cfg.mode == "async" and cfg.max_lag < 1:
-        raise ConfigError("key 'max_lag' must be >= 1 in async mode (0 is sync mode)")
-    if cfg.on_stale not in ("drop", "requeue"):
-        raise ConfigError(f"key 'on_stale' must be drop or requeue, got {cfg.on_stale!r}")
-    for key in ("steps", "groups_per_step", "group_size", "num_learners"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"key '{key}' must be >= 1, got {getattr(cfg, key)}")
-    # the learner's log-probs must be those of the distribution the sampler drew from (greedy
-    # rollouts report plain log-softmax, i.e. temperature 1), or every importance ratio is off
+# -- value rules: one per leaf key of RunConfig (tests/test_config.py checks none is missing) -------
+
+Rule = Callable[[Any], "str | None"]  # value -> what is wrong with it, or None
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def ge(low: float, integer: bool = False) -> Rule:
+    kind = "an integer" if integer else "a finite number"
+    return lambda x: None if _number(x) and x >= low else f"must be {kind} >= {low}"
+
+
+def gt(low: float) -> Rule:
+    return lambda x: None if _number(x) and x > low else f"must be a finite number > {low}"
+
+
+def between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    def rule(x: Any) -> str | None:
+        ok = _number(x) and (x > low if low_open else x >= low)
+        ok = ok and (x < high if high_open else x <= high)
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return None if ok else f"must be in {left}{low}, {high}{right}"
+
+    return rule
+
+
+def one_of(*allowed: str) -> Rule:
+    return lambda x: None if x in allowed else f"must be one of {', '.join(allowed)}"
+
+
+def optional(rule: Rule) -> Rule:
+    return lambda x: None if x is None else rule(x)
+
+
+def text(pattern: str | None = None, what: str = "") -> Rule:
+    def rule(x: Any) -> str | None:
+        if not isinstance(x, str) or not x.strip():
+            return "must be a non-empty string"
+        if pattern and not re.fullmatch(pattern, x):
+            return f"must be {what} (matching {pattern})"
+        return None
+
+    return rule
+
+
+ANY = lambda x: None  # noqa: E731 - the type (checked by OmegaConf) is all there is to check
+SEED = lambda x: None if isinstance(x, int) and not isinstance(x, bool) else "must be an integer"  # noqa: E731
+
+RULES: dict[str, Rule] = {
+    "name": text(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", "a run directory name"),
+    "output_dir": text(),
+    "seed": SEED,  # any integer: per-request seeds are hashed from it (rl/tasks.py)
+    "model.path": text(),  # and ModelSpec.validate
+    "model.overrides": ANY,  # preset fields, checked when the preset is built
+    "model.init_seed": between(0, 2**63 - 1),
+    "model.tokenizer": optional(text()),
+    "mode": one_of("sync", "async"),
+    "max_lag": ge(0, integer=True),
+    "on_stale": one_of("drop", "requeue"),
+    "steps": ge(1, integer=True),
+    "groups_per_step": ge(1, integer=True),
+    "group_size": ge(1, integer=True),
+    "rollout.num_workers": ge(1, integer=True),
+    "rollout.engine": one_of("native", "vllm"),
+    "rollout.max_new_tokens": ge(1, integer=True),
+    "rollout.max_turns": ge(1, integer=True),
+    "rollout.max_context": ge(2, integer=True),
+    "rollout.temperature": ge(0),
+    "rollout.top_p": between(0, 1, low_open=True),
+    "rollout.top_k": ge(0, integer=True),
+    "rollout.episode_timeout_s": gt(0),
+    "rollout.max_batch": ge(1, integer=True),
+    "rollout.reasoning": ANY,
+    "rollout.threads": ge(1, integer=True),
+    "rollout.gpus": ge(0),
+    "rollout.tensor_parallel_size": ge(1, integer=True),
+    "learner.optim.lr": gt(0),
+    "learner.optim.betas": lambda x: (
+        None
+        if len(x) == 2 and all(_number(b) and 0 <= b < 1 for b in x)
+        else "must be two numbers in [0, 1)"
+    ),
+    "learner.optim.weight_decay": ge(0),
+    "learner.optim.eps": gt(0),
+    "learner.optim.warmup_steps": ge(0, integer=True),
+    "learner.optim.schedule": one_of("constant", "cosine"),
+    "learner.optim.total_steps": ge(1, integer=True),
+    "learner.optim.min_lr_ratio": between(0, 1),
+    "learner.optim.grad_clip": gt(0),
+    "learner.loss.advantage": one_of(*grpo.ADVANTAGES),
+    "learner.loss.std_eps": ge(0),
+    "learner.loss.reward_placement": one_of(*grpo.REWARD_PLACEMENTS),
+    "learner.loss.filter_zero_advantage_groups": ANY,
+    "learner.loss.overlong_max_len": optional(ge(1, integer=True)),
+    "learner.loss.overlong_cache_len": ge(0, integer=True),
+    "learner.loss.ratio_level": one_of(*grpo.RATIO_LEVELS),
+    "learner.loss.eps_low": between(0, 1, high_open=True),
+    "learner.loss.eps_high": ge(0),
+    "learner.loss.dual_clip": optional(gt(1)),
+    "learner.loss.tis_cap": optional(gt(0)),
+    "learner.loss.kl_estimator": one_of(*grpo.KL_ESTIMATORS),
+    "learner.loss.kl_coef": ge(0),
+    "learner.loss.aggregation": one_of(*grpo.AGGREGATIONS),
+    "learner.loss.norm_length": ge(1, integer=True),
+    "learner.micro_batch_tokens": ge(1, integer=True),
+    "learner.temperature": optional(gt(0)),
+    "learner.activation_checkpointing": ANY,
+    "learner.param_dtype": one_of("auto", "float32", "bfloat16"),
+    "learner.logprob_chunk": ge(1, integer=True),
+    "learner.backend": one_of("fsdp2", "deepspeed"),
+    "num_learners": ge(1, integer=True),
+    "learner_gpus": ge(0),
+    "learner_threads": ge(1, integer=True),
+    "weight_sync.method": one_of("object_store", "collective"),
+    "weight_sync.backend": one_of("auto", "gloo", "nccl"),
+    "weight_sync.bucket_mb": gt(0),
+    "weight_sync.timeout_s": gt(0),
+    "eval.every": ge(0, integer=True),
+    "eval.num_tasks": ge(0, integer=True),
+    "eval.samples": ge(1, integer=True),
+    "eval.temperature": ge(0),
+    "eval.max_new_tokens": optional(ge(1, integer=True)),
+    "checkpoint.every": ge(0, integer=True),
+    "checkpoint.keep": ge(1, integer=True),
+    "checkpoint.export_hf": ANY,
+    "samples_per_step": ge(0, integer=True),
+    "save_trajectories": ANY,
+    "max_worker_restarts": ge(0, integer=True),
+    "failures.max_error_fraction": between(0, 1, low_open=True),
+    "failures.patience": ge(1, integer=True),
+    "failures.count_timeouts": ANY,
+    "progress": ANY,
+    "max_logprob_diff": optional(ge(0)),
+}
+
+
+def leaf_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf field of the RunConfig dataclass tree (envs excluded: each env
+    validates its own section)."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if prefix == "" and f.name == "envs":
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Derived values, set before validation: the learner's log-probs are those of the
+    distribution the sampler draws from (temperature; greedy rollouts report plain log-softmax,
+    i.e. temperature 1). An explicit learner.temperature that differs is left for _check."""
     sampler_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
     if cfg.learner.temperature is None:
         cfg.learner.temperature = sampler_t
-    elif cfg.learner.temperature != sampler_t:
+    return cfg
+
+
+def _check(cfg: RunConfig) -> None:
+    """Every leaf against its rule, then the cross-field checks; each error names its key."""
+    for key in leaf_keys():
+        problem = RULES[key](_value(cfg, key))
+        if problem:
+            raise ConfigError(f"key '{key}' {problem}, got {_value(cfg, key)!r}")
+    if cfg.mode == "async" and cfg.max_lag < 1:
+        raise ConfigError("key 'max_lag' must be >= 1 in async mode (0 is sync mode)")
+    r, learner = cfg.rollout, cfg.learner
+    if r.max_new_tokens >= r.max_context:
         raise ConfigError(
-            f"key 'learner.temperature' is {cfg.learner.temperature} but rollout.temperature "
-            f"samples at {cfg.rollout.temperature}: the learner's log-probs must be those of the "
-            f"sampling distribution (leave learner.temperature unset to follow rollout)"
+            f"key 'rollout.max_new_tokens' is {r.max_new_tokens} but an episode holds at most "
+            f"rollout.max_context={r.max_context} tokens, prompt included"
         )
-    if cfg.max_logprob_diff is not None and not cfg.max_logprob_diff >= 0:
+    if learner.micro_batch_tokens < r.max_context:
         raise ConfigError(
-            f"key 'max_logprob_diff' must be >= 0 (0: no check), got {cfg.max_logprob_diff}"
+            f"key 'learner.micro_batch_tokens' is {learner.micro_batch_tokens}, less than one "
+            f"episode may hold (rollout.max_context={r.max_context}): an episode is never split "
+            f"across micro-batches, so the budget would not hold; raise it to >= {r.max_context}"
+        )
+    if cfg.eval.max_new_tokens is not None and cfg.eval.max_new_tokens >= r.max_context:
+        raise ConfigError(
+            f"key 'eval.max_new_tokens' is {cfg.eval.max_new_tokens}, not below "
+            f"rollout.max_context={r.max_context}"
+        )
+    if learner.optim.warmup_steps > 0 and learner.optim.schedule == "cosine":
+        if learner.optim.warmup_steps >= learner.optim.total_steps:
+            raise ConfigError(
+                f"key 'learner.optim.warmup_steps' ({learner.optim.warmup_steps}) must be below "
+                f"learner.optim.total_steps ({learner.optim.total_steps}) with the cosine schedule"
+            )
+    # the learner's log-probs must be those of the distribution the sampler drew from, or every
+    # importance ratio is off
+    sampler_t = r.temperature if r.temperature > 0 else 1.0
+    if learner.temperature != sampler_t:
+        raise ConfigError(
+            f"key 'learner.temperature' is {learner.temperature} but rollout.temperature "
+            f"samples at {r.temperature}: the learner's log-probs must be those of the "
+            f"sampling distribution (leave learner.temperature unset to follow rollout)"
         )
     ws = cfg.weight_sync
     if (
@@ -126,13 +316,16 @@ def _check(cfg: RunConfig) -> None:
     if cfg.eval.samples > 1 and cfg.eval.temperature == 0:
         raise ConfigError("key 'eval.samples' > 1 needs eval.temperature > 0 (greedy repeats)")
     for name, section in cfg.envs.items():
-        if section.weight < 0:
-            raise ConfigError(f"key 'envs.{name}.weight' must be >= 0, got {section.weight}")
+        problem = ge(0)(section.weight)
+        if problem:
+            raise ConfigError(f"key 'envs.{name}.weight' {problem}, got {section.weight!r}")
         try:
             env_cls = registry.get(name)
         except KeyError as e:
             raise ConfigError(f"key 'envs.{name}': {e.args[0]}") from None
         env_cls.validate_config(section.config)
+    if not any(section.weight > 0 for section in cfg.envs.values()):
+        raise ConfigError("key 'envs': every environment has weight 0, nothing would be sampled")
     try:
         cfg.model.validate()
     except ValueError as e:
@@ -168,7 +361,7 @@ def load_config(
         raise ConfigError(f"key '{key}': {msg}" if key else msg) from None
     except (ValueError, TypeError) as e:  # dataclass __post_init__ checks
         raise ConfigError(str(e)) from None
-    _check(cfg)
+    _check(resolve(cfg))
     return cfg
 
 

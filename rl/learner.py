@@ -34,7 +34,7 @@ from rl.weights import WeightGroup, send_weights, to_arrays
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # beta1, beta2
     weight_decay: float = 0.1
     eps: float = 1e-8
     warmup_steps: int = 0

@@ -178,7 +178,8 @@ def test_a_run_whose_podman_service_stops_halfway_stops_naming_the_cause(private
         *swe_on_docker(tmp_path, url, "envs.swe.config.n_test=2", "envs.swe.config.memory_mb=256",
                        "envs.swe.config.command_timeout_s=5", "envs.swe.config.episode_timeout_s=10",
                        "envs.swe.config.scoring_timeout_s=5"),
-        "rollout.max_context=2048", "rollout.max_new_tokens=4", "rollout.max_turns=1",
+        "rollout.max_context=2048", "learner.micro_batch_tokens=2048", "rollout.max_new_tokens=4",
+        "rollout.max_turns=1",
         "steps=10", "groups_per_step=1", "group_size=2", "eval.num_tasks=1",
         "checkpoint.export_hf=false", f"failures.patience={patience}",
     ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,76 @@ def test_failures_section_has_run_safe_defaults():
 def test_bad_failures_values_fail_at_load_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         load_config(CONFIGS / "smoke.yaml", [override])
+
+
+def test_every_config_key_has_a_value_rule():
+    """A key added to RunConfig without a rule fails here (and a rule for a removed key too)."""
+    from rl.config import RULES, leaf_keys
+
+    keys = leaf_keys()
+    assert len(keys) > 70
+    assert sorted(set(keys) - set(RULES)) == []
+    assert sorted(set(RULES) - set(keys)) == []
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("learner.optim.schedule=linear", "learner.optim.schedule"),
+        ("learner.backend=megatron", "learner.backend"),
+        ("learner.param_dtype=float16x", "learner.param_dtype"),
+        ("learner.param_dtype=fp32", "learner.param_dtype"),
+        ("max_lag=-1", "max_lag"),
+        ("rollout.temperature=-0.5", "rollout.temperature"),
+        ("rollout.temperature=nan", "rollout.temperature"),
+        ("rollout.top_p=0", "rollout.top_p"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("rollout.top_k=-1", "rollout.top_k"),
+        ("rollout.max_new_tokens=300", "rollout.max_new_tokens"),  # max_context is 256
+        ("learner.micro_batch_tokens=100", "learner.micro_batch_tokens"),  # < max_context
+        ("learner.optim.lr=0", "learner.optim.lr"),
+        ("learner.optim.lr=-1e-5", "learner.optim.lr"),
+        ("learner.optim.lr=inf", "learner.optim.lr"),
+        ("learner.optim.grad_clip=0", "learner.optim.grad_clip"),
+        ("learner.optim.betas=[0.9,1.0]", "learner.optim.betas"),
+        ("learner.optim.betas=[0.9]", "learner.optim.betas"),
+        ("learner.optim.min_lr_ratio=2", "learner.optim.min_lr_ratio"),
+        ("learner.optim.eps=0", "learner.optim.eps"),
+        ("learner.optim.weight_decay=-0.1", "learner.optim.weight_decay"),
+        ("learner.logprob_chunk=0", "learner.logprob_chunk"),
+        ("rollout.episode_timeout_s=0", "rollout.episode_timeout_s"),
+        ("rollout.threads=0", "rollout.threads"),
+        ("learner_threads=0", "learner_threads"),
+        ("learner_gpus=-1", "learner_gpus"),
+        ("weight_sync.timeout_s=-3", "weight_sync.timeout_s"),
+        ("eval.temperature=-1", "eval.temperature"),
+        ("eval.num_tasks=-1", "eval.num_tasks"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+        ("eval.max_new_tokens=4096", "eval.max_new_tokens"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("checkpoint.every=-1", "checkpoint.every"),
+        ("samples_per_step=-1", "samples_per_step"),
+        ("max_worker_restarts=-1", "max_worker_restarts"),
+        ("max_logprob_diff=-1", "max_logprob_diff"),
+        ("model.init_seed=-1", "model.init_seed"),
+        ("name=../elsewhere", "name"),
+        ("name=", "name"),
+        ("output_dir=", "output_dir"),
+        ("envs.math.weight=0", "envs"),
+        ("envs.math.weight=nan", "envs.math.weight"),
+        ("learner.optim.warmup_steps=2000", "learner.optim.warmup_steps"),  # cosine below
+    ],
+)
+def test_config_mistakes_are_named_before_anything_starts(override, key):
+    import time
+
+    extra = ["learner.optim.schedule=cosine"] if "warmup_steps" in override else []
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(CONFIGS / "tiny_math.yaml", [override, *extra])
+    assert time.monotonic() - t0 < 5  # at load, not when a worker meets it
+
+
+def test_any_integer_seed_is_accepted():
+    for seed in (0, -1, 2330, 12345, 2**62, -(2**62)):
+        assert load_config(CONFIGS / "tiny_math.yaml", [f"seed={seed}"]).seed == seed
