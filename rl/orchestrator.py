@@ -32,7 +32,7 @@ from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
 from rl.learner import start_learners
 from rl.rollout import RolloutWorker
 from rl.runlog import RunLog, eval_table, provenance
-from rl.tasks import TaskSource
+from rl.tasks import TaskSource, derive_seed
 from rl.types import Trajectory
 from rl.weights import resolve_backend
 
@@ -298,7 +298,7 @@ class Orchestrator:
         if self.resubmit:  # groups in flight at the checkpoint, with their ids and seeds
             return self.resubmit.pop(0)
         task = self.retry.pop(0) if self.retry else self.source.next()
-        seed = self.cfg.seed * 1_000_003 + self.draws
+        seed = derive_seed(self.cfg.seed, "group", self.draws)
         group = Group(task, f"g{self.draws}-{task.id}", [], seed)
         self.draws += 1
         return group
@@ -565,7 +565,8 @@ class Orchestrator:
             if not tasks:
                 continue
             jobs = [
-                (t, ev.samples, f"eval-{tag}-{i}", cfg.seed * 7 + i) for i, t in enumerate(tasks)
+                (t, ev.samples, f"eval-{tag}-{i}", derive_seed(cfg.seed, "eval", i))
+                for i, t in enumerate(tasks)
             ]
             groups = self.run_jobs(jobs, overrides)
             trajs += [t for g in groups for t in g]

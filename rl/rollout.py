@@ -25,6 +25,7 @@ from model.chat import ChatFormat
 from model.loader import ModelSpec, build_model, load_tokenizer
 from rl.engines.base import Completion, Engine, SamplingParams
 from rl.engines.native import NativeEngine
+from rl.tasks import derive_seed
 from rl.types import Trajectory
 from rl.weights import WeightGroup, from_arrays, merge_buckets, recv_weights
 
@@ -199,7 +200,7 @@ class RolloutWorker:
         groups = await asyncio.gather(
             *(
                 asyncio.gather(
-                    *(self._episode(t, gid, i, seed * 1_000_003 + i, cfg) for i in range(g))
+                    *(self._episode(t, gid, i, derive_seed(seed, i), cfg) for i in range(g))
                 )
                 for t, g, gid, seed in jobs
             )
@@ -246,7 +247,7 @@ class RolloutWorker:
                         top_p=cfg.top_p,
                         top_k=cfg.top_k,
                         stop_token_ids=tuple(chat.stop_token_ids),
-                        seed=seed * 7919 + turns,
+                        seed=derive_seed(seed, turns),
                     )
                     out = await batcher.generate((group_id, index, turns), list(tokens), params)
                     append(out.token_ids, out)

@@ -6,11 +6,20 @@ of that environment's current epoch, an epoch being a seeded permutation of its 
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 import numpy as np
 
 from envs.base import Task
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A seed in [0, 2**63) from any integers and names (a run's seed, a draw index, a sample
+    index, a turn...): a hash, so any run seed works, however large or negative, and nearby inputs
+    give unrelated seeds. Every per-request seed of a run comes from here."""
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") >> 1
 
 
 class TaskSource:
@@ -30,6 +39,8 @@ class TaskSource:
             raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {weights}")
         self.probs = w / w.sum()
         self.seed = seed
+        # numpy's seed words are non-negative: a negative run seed gets a word of its own
+        self._entropy = [abs(seed), 1] if seed < 0 else [seed]
         self.draws = 0
         self.cursor = {env: [0, 0] for env in self.envs}  # env -> [epoch, index in epoch]
         self._orders: dict[tuple[str, int], np.ndarray] = {}
@@ -37,13 +48,13 @@ class TaskSource:
     def _order(self, env: str, epoch: int) -> np.ndarray:
         key = (env, epoch)
         if key not in self._orders:
-            rng = np.random.default_rng([self.seed, zlib.crc32(env.encode()), epoch])
+            rng = np.random.default_rng([*self._entropy, zlib.crc32(env.encode()), epoch])
             self._orders = {k: v for k, v in self._orders.items() if k[0] != env}
             self._orders[key] = rng.permutation(len(self.tasks[env]))
         return self._orders[key]
 
     def next(self) -> Task:
-        rng = np.random.default_rng([self.seed, 0x7A5C, self.draws])
+        rng = np.random.default_rng([*self._entropy, 0x7A5C, self.draws])
         env = self.envs[int(rng.choice(len(self.envs), p=self.probs))]
         epoch, i = self.cursor[env]
         task = self.tasks[env][int(self._order(env, epoch)[i])]

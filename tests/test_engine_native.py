@@ -102,6 +102,18 @@ def test_seeded_requests_do_not_depend_on_their_batch():
     assert other_seed.token_ids != alone
 
 
+def test_seeds_that_differ_above_bit_32_draw_different_streams():
+    """torch's CPU generator keeps a seed's low 32 bits; the engine folds all 64 in."""
+    engine = NativeEngine(tiny(2))
+
+    def draw(seed: int) -> list[int]:
+        params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed)
+        return engine.generate([[1, 2, 3]], params)[0].token_ids
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(7 + 2**32) and draw(2**40) != draw(2**41)
+
+
 def test_a_group_of_identical_prompts_is_prefilled_once():
     """GRPO asks for G samples of one prompt: it is prefilled once and its KV cache copied to
     the G rows; every sample (greedy and seeded) is the one it would be prefilled alone."""

@@ -51,6 +51,16 @@ def test_sync_mode_is_reproducible_and_on_policy(ray_local, tmp_path):
     assert "torch" in prov["packages"] and "git_dirty" in prov
 
 
+def test_any_seed_trains_every_step(ray_local, tmp_path):
+    """Per-request seeds are hashed from the run seed: a huge or negative one samples and trains
+    every step (the old arithmetic overflowed from seed ~2330 and every rollout failed)."""
+    for seed in (2**62 + 12345, -7):
+        rows = run(tmp_path, f"seed{seed}", f"seed={seed}", "steps=2", "eval.num_tasks=1")
+        train = [r for r in rows if "time/step_s" in r]
+        assert len(train) == 2
+        assert all("train/loss" in r and r["rollout/env_error"] == 0 for r in train)
+
+
 def test_collective_weight_sync_trains_exactly_like_the_object_store(ray_local, tmp_path):
     """weight_sync.method=collective (learner rank 0 broadcasts over a gloo group to two workers,
     in small buckets) gives the same run as the object store: every update arrived bit for bit."""

@@ -47,3 +47,31 @@ def test_bad_sources_are_named():
     source = TaskSource({"a": tasks("a", 2)}, {}, seed=1)
     with pytest.raises(ValueError, match="seed"):
         TaskSource({"a": tasks("a", 2)}, {}, seed=2).load_state_dict(source.state_dict())
+
+
+def test_derived_seeds_fit_63_bits_for_any_run_seed():
+    """Any run seed works (the old `seed * 1_000_003 ...` overflowed 64 bits from ~2330); nearby
+    inputs give unrelated seeds, all distinct over a run's draws."""
+    from rl.tasks import derive_seed
+
+    for seed in (0, 1, -1, 2330, 12345, 2**62, -(2**62), 10**30):
+        seeds = [derive_seed(seed, "group", d, i) for d in range(200) for i in range(8)]
+        assert all(0 <= s < 2**63 for s in seeds)
+        assert len(set(seeds)) == len(seeds)
+        assert len({s & 0xFFFFFFFF for s in seeds}) == len(seeds)  # low bits differ too
+    assert derive_seed(1, 2) == derive_seed(1, 2) != derive_seed(2, 1)
+    assert derive_seed(12, 3) != derive_seed(1, 23)  # parts are separated, not concatenated
+
+
+def test_task_stream_takes_negative_and_huge_seeds():
+    from envs.base import Task
+    from rl.tasks import TaskSource
+
+    tasks = {"a": [Task(f"a{i}", "a", {}) for i in range(5)]}
+    streams = {}
+    for seed in (-1, 1, 2**70, -(2**70)):
+        src = TaskSource(tasks, {"a": 1.0}, seed=seed)
+        streams[seed] = [src.next().id for _ in range(10)]
+    for stream in streams.values():  # two whole epochs, each a permutation of the tasks
+        assert sorted(stream[:5]) == sorted(stream[5:]) == [f"a{i}" for i in range(5)]
+    assert streams[-1] != streams[1]  # seeds of opposite sign draw their own streams

@@ -242,9 +242,13 @@ class NativeEngine(Engine):
         return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
     def _generator(self, seed: int | None) -> torch.Generator:
+        """A request's own random stream. torch's CPU generator keeps only a seed's low 32 bits,
+        so the seed's 64 bits are folded into 32 first: seeds that differ only above bit 32
+        still draw different streams."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
-        return torch.Generator(self.device).manual_seed(seed)
+        s = seed % 2**64
+        return torch.Generator(self.device).manual_seed((s ^ (s >> 32)) & 0xFFFFFFFF)
 
     def _step(self):
         """Wait while paused, then hold the step lock for one forward."""
