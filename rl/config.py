@@ -195,6 +195,8 @@ RULES: dict[str, Rule] = {
     "learner.loss.norm_length": ge(1, integer=True),
     "learner.micro_batch_tokens": ge(1, integer=True),
     "learner.temperature": optional(gt(0)),
+    "learner.top_k": optional(ge(0, integer=True)),
+    "learner.top_p": optional(between(0, 1, low_open=True)),
     "learner.activation_checkpointing": ANY,
     "learner.param_dtype": one_of("auto", "float32", "bfloat16"),
     "learner.logprob_chunk": ge(1, integer=True),
@@ -250,10 +252,16 @@ def _value(cfg: Any, key: str) -> Any:
 def resolve(cfg: RunConfig) -> RunConfig:
     """Derived values, set before validation: the learner's log-probs are those of the
     distribution the sampler draws from (temperature; greedy rollouts report plain log-softmax,
-    i.e. temperature 1). An explicit learner.temperature that differs is left for _check."""
-    sampler_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-    if cfg.learner.temperature is None:
-        cfg.learner.temperature = sampler_t
+    i.e. temperature 1), truncated as the sampler truncates (top_k, top_p). Explicit learner
+    values that differ are left for _check."""
+    r, learner = cfg.rollout, cfg.learner
+    greedy = r.temperature == 0  # greedy rollouts report the plain log-softmax
+    if learner.temperature is None:
+        learner.temperature = 1.0 if greedy else r.temperature
+    if learner.top_k is None:
+        learner.top_k = 0 if greedy else r.top_k
+    if learner.top_p is None:
+        learner.top_p = 1.0 if greedy else r.top_p
     return cfg
 
 
@@ -290,13 +298,16 @@ def _check(cfg: RunConfig) -> None:
             )
     # the learner's log-probs must be those of the distribution the sampler drew from, or every
     # importance ratio is off
-    sampler_t = r.temperature if r.temperature > 0 else 1.0
-    if learner.temperature != sampler_t:
-        raise ConfigError(
-            f"key 'learner.temperature' is {learner.temperature} but rollout.temperature "
-            f"samples at {r.temperature}: the learner's log-probs must be those of the "
-            f"sampling distribution (leave learner.temperature unset to follow rollout)"
-        )
+    sampler = resolve(RunConfig(rollout=r)).learner  # what rollout's settings resolve to
+    for key in ("temperature", "top_k", "top_p"):
+        if getattr(learner, key) != getattr(sampler, key):
+            raise ConfigError(
+                f"key 'learner.{key}' is {getattr(learner, key)} but the rollouts sample with "
+                f"{key} {getattr(sampler, key)} (rollout.temperature={r.temperature}, "
+                f"rollout.top_k={r.top_k}, rollout.top_p={r.top_p}): the learner's log-probs "
+                f"must be those of the sampling distribution (leave learner.{key} unset to follow "
+                f"rollout)"
+            )
     ws = cfg.weight_sync
     if (
         ws.method == "collective"

@@ -25,6 +25,7 @@ from model.hf import from_hf_state_dict, save_pretrained, split_state_dict, to_h
 from model.loader import ModelSpec, build_model, load_tokenizer
 from rl import checkpoint as ckpt
 from rl import grpo
+from rl.engines.native import truncation_mask
 from rl.packing import MicroBatch, build_micro_batch, pack
 from rl.parallelize import parallelize
 from rl.types import TrainBatch, Trajectory
@@ -49,9 +50,11 @@ class LearnerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: grpo.LossConfig = field(default_factory=grpo.LossConfig)
     micro_batch_tokens: int = 4096
-    # the sampler's: log-probs are of logits / temperature. None: rollout.temperature (a run's
-    # config sets it so; an explicit value that differs is a config error)
+    # the sampler's: log-probs are of logits / temperature, truncated to top_k / top_p. None:
+    # rollout's (a run's config sets them so; an explicit value that differs is a config error)
     temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     activation_checkpointing: bool = False
     param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     logprob_chunk: int = 1024  # positions per lm_head chunk
@@ -60,6 +63,11 @@ class LearnerConfig:
     @property
     def logprob_temperature(self) -> float:
         return 1.0 if self.temperature is None else self.temperature
+
+    @property
+    def truncation(self) -> dict[str, Any]:
+        """top_k / top_p of the sampling distribution, as token_logprobs takes them."""
+        return {"top_k": self.top_k or 0, "top_p": 1.0 if self.top_p is None else self.top_p}
 
 
 def lr_lambda(optim: OptimConfig):
@@ -86,8 +94,13 @@ def token_logprobs(
     temperature: float,
     chunk: int,
     positions: torch.Tensor | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each position's target token and the entropy of its distribution, both [T].
+    The distribution is the sampler's: logits / `temperature`, truncated to the `top_k` most
+    likely tokens (0: off) and to the top-`top_p` mass of those, renormalised (as
+    rl.engines.native.process_logits; vLLM reports the same "processed" log-probs).
 
     `positions` (a 1-D index into the row): run lm_head and the softmax only there, the rest of
     both outputs is 0. The loss reads only the positions whose token the policy sampled, so the
@@ -101,8 +114,20 @@ def token_logprobs(
     targets = mb.target_ids[0]
 
     def head_chunk(h: torch.Tensor, t: torch.Tensor, lm_head: torch.nn.Linear):
-        logp = (lm_head(h).float() / temperature).log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        scaled = lm_head(h).float() / temperature
+        drop = None
+        if top_k > 0 or top_p < 1:  # the engine's truncated distribution (a fixed set here)
+            n = scaled.shape[0]
+            drop = truncation_mask(
+                scaled.detach(),
+                torch.full((n,), top_k, dtype=torch.long, device=scaled.device),
+                torch.full((n,), top_p, dtype=torch.float32, device=scaled.device),
+            )
+            scaled = scaled.masked_fill(drop, float("-inf"))
+        logp = scaled.log_softmax(-1)
+        with torch.no_grad():  # reported, never differentiated
+            plogp = logp.exp() * logp
+            entropy = -(plogp if drop is None else plogp.masked_fill(drop, 0.0)).sum(-1)
         return logp.gather(-1, t[:, None])[:, 0], entropy
 
     def head(hidden: torch.Tensor, lm_head: torch.nn.Linear):
@@ -214,6 +239,7 @@ class Learner:
                 mb.to(self.device),
                 self.config.logprob_temperature,
                 self.config.logprob_chunk,
+                **self.config.truncation,
             )
             lp, seq = lp.cpu().tolist(), mb.seq_index[0].tolist()
             offsets = {}
@@ -276,11 +302,13 @@ class Learner:
             if self.ref_model is not None:
                 with torch.no_grad():
                     mb.ref_logprobs = token_logprobs(
-                        self.ref_model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained
-                    )[0][None]
+                        self.ref_model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained,
+                        **cfg.truncation,
+                    )[0][None]  # fmt: skip
             lp, entropy = token_logprobs(
-                self.model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained
-            )
+                self.model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained,
+                **cfg.truncation,
+            )  # fmt: skip
             # one optimizer step per batch: the learner's pre-step log-probs are these (for TIS)
             mb.old_logprobs = lp.detach()[None]
             loss, parts = grpo.packed_policy_loss(

@@ -21,6 +21,9 @@ def rollout(
     max_new_tokens: int,
     seed: int,
     step: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> list[Trajectory]:
     """G samples per prompt, scored by synthetic_reward."""
     reqs, params = [], []
@@ -30,7 +33,9 @@ def rollout(
             params.append(
                 SamplingParams(
                     max_new_tokens=max_new_tokens,
-                    temperature=1.0,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
                     seed=seed * 100003 + step * 1009 + p_i * 31 + g,
                 )
             )

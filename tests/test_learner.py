@@ -79,6 +79,29 @@ def test_learner_logprobs_equal_the_engine_s():
     assert len(diffs) == 60 and max(diffs) < 1e-4
 
 
+def test_learner_logprobs_follow_the_sampler_s_top_k_top_p():
+    """With top-k / top-p the engine samples from (and reports log-probs of) the truncated,
+    renormalised distribution; the learner computes the same, so on-policy ratios are 1. A
+    learner that ignored the truncation would be off by the dropped mass (checked too)."""
+    engine = engine_for(Learner(config(), TINY))
+    for top_k, top_p in ((50, 1.0), (0, 0.9), (50, 0.9)):
+        trajs = rollout(engine, make_prompts(3, 2), 2, 10, 2, 0, 0.8, top_k, top_p)
+
+        def diffs(learner: Learner, trajs=trajs) -> list[float]:
+            lps = learner.compute_logprobs(trajs)
+            return [
+                abs(a - b)
+                for t, lp in zip(trajs, lps)
+                for a, b, m in zip(t.logprobs, lp, t.loss_mask)
+                if m
+            ]
+
+        same = Learner(config(temperature=0.8, top_k=top_k, top_p=top_p), TINY)
+        assert len(diffs(same)) == 60 and max(diffs(same)) < 1e-4, (top_k, top_p)
+        full = Learner(config(temperature=0.8), TINY)
+        assert max(diffs(full)) > 1e-2, (top_k, top_p)
+
+
 def test_output_layer_on_selected_positions_equals_the_full_one():
     """The learner runs lm_head only where the loss reads (sampled tokens): log-probs, entropies
     and the gradient they carry equal the full head's there, 0 elsewhere; chunked + recomputed

@@ -37,10 +37,14 @@ def test_sync_mode_is_reproducible_and_on_policy(ray_local, tmp_path):
     # sampler and learner agree on the log-probs of the tokens trained on (same fp32 weights)
     assert all(r["train/logprob_diff_max"] < 1e-3 for r in train)
     assert any(r["train/grad_norm"] > 0 for r in train)
-    c = run(tmp_path, "c", "seed=1", "rollout.temperature=0.7")
+    truncated = ["rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.top_k=50"]
+    c = run(tmp_path, "c", "seed=1", *truncated)
     assert deterministic_part(c) != deterministic_part(a)
-    # sampled at temperature 0.7: the learner follows it (the log-probs of the same distribution)
-    assert all(r["train/logprob_diff_max"] < 1e-3 for r in c if "train/loss" in r)
+    # sampled at temperature 0.7 from the top-50 tokens' top-0.9 mass: the learner follows it
+    # (the log-probs of the same truncated distribution: on-policy ratios are 1)
+    train_c = [r for r in c if "train/loss" in r]
+    assert len(train_c) == 3 and all(r["train/logprob_diff_max"] < 1e-3 for r in train_c)
+    assert all(abs(r["train/ratio_mean"] - 1) < 1e-3 for r in train_c)
     run_dir = tmp_path / "a"
     for name in ("config.yaml", "provenance.json", "samples.jsonl", "reward_curve.png", "eval.md"):
         assert (run_dir / name).exists(), name

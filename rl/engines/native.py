@@ -27,14 +27,30 @@ def process_logits(
 
     logits [B, V] float; temperature, top_p [B] float (temperature > 0); top_k [B] long (0 = off)."""
     scaled = logits.float() / temperature[:, None]
-    V = scaled.shape[-1]
+    drop = truncation_mask(scaled, top_k, top_p)
+    if drop is not None:
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled.log_softmax(-1)
+
+
+def truncation_mask(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor | None:
+    """Tokens outside each row's sampling set (top-k, then top-p of what remains), or None when
+    neither is on. scaled [N, V] (logits / T); top_k [N] long (0 = off), top_p [N] float. The
+    learner calls it too (rl/learner.py), so it trains on the log-probs of the distribution the
+    engine sampled from."""
+    drop = None
     if bool((top_k > 0).any()):
+        V = scaled.shape[-1]
         k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
         kth = scaled.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        drop = scaled < kth
+        scaled = scaled.masked_fill(drop, float("-inf"))
     if bool((top_p < 1).any()):
-        scaled = scaled.masked_fill(top_p_drop(scaled, top_p), float("-inf"))
-    return scaled.log_softmax(-1)
+        p_drop = top_p_drop(scaled, top_p)
+        drop = p_drop if drop is None else drop | p_drop
+    return drop
 
 
 def top_p_drop(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
