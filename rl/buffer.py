@@ -55,27 +55,36 @@ class Buffer:
         self.groups.append(group)
 
     def take(self, n: int, version: int) -> tuple[list[Group], list[Group]]:
-        """Up to n admissible groups for a learner step at policy `version`, oldest first; also
-        returns the stale groups to re-queue (on_stale=requeue). Stale groups leave the buffer."""
-        taken, requeue = [], []
-        while self.groups and len(taken) < n:
+        """n admissible groups for a learner step at policy `version`, oldest first, or none
+        when fewer than n are admissible (those stay in the buffer, in order, uncounted); also
+        returns the stale groups met on the way (they leave the buffer; the caller re-queues
+        their tasks when on_stale=requeue). Each group is counted once: when it is taken, or
+        when it is found stale."""
+        admissible: list[tuple[Group, int]] = []
+        stale: list[Group] = []
+        while self.groups and len(admissible) < n:
             group = self.groups.popleft()
             oldest = group.min_version
             lag = 0 if oldest is None else version - oldest
             if lag > self.max_lag:
                 if self.on_stale == "requeue":
                     self.stats.requeued_stale += 1
-                    requeue.append(group)
                 else:
                     self.stats.dropped_stale += 1
-                continue
-            taken.append(group)
+                stale.append(group)
+            else:
+                admissible.append((group, lag))
+        requeue = stale if self.on_stale == "requeue" else []
+        if len(admissible) < n:  # not a whole step yet: back to the front, as they were
+            self.groups.extendleft(reversed([g for g, _ in admissible]))
+            return [], requeue
+        for group, lag in admissible:
             self.stats.admitted += 1
             self.stats.lag_sum += lag
             self.stats.lag_max = max(self.stats.lag_max, lag)
             lengths = [t.num_sampled_tokens for t in group.trajectories]
             self.stats.lag_vs_length.append((lag, sum(lengths) / max(1, len(lengths))))
-        return taken, requeue
+        return [g for g, _ in admissible], requeue
 
     def metrics(self) -> dict[str, float]:
         """Counters since the start, plus the lag/length correlation of recent admissions."""

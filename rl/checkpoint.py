@@ -63,11 +63,13 @@ def save(
     scheduler: Any,
     step: int,
     extra: dict | None = None,
+    name: int | None = None,
 ) -> Path:
-    """Save checkpoint `root/step_{step:08d}` from every rank; returns its path."""
+    """Save checkpoint `root/step_{name:08d}` (name: `step` unless given) from every rank;
+    returns its path. `step` (the optimizer's) is what `load` restores."""
     root = Path(root)
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.tmp"
+    final = root / f"step_{step if name is None else name:08d}"
+    tmp = root / f"{final.name}.tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

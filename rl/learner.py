@@ -263,8 +263,10 @@ class Learner:
             "batch/filtered_groups": batch.num_filtered_groups,
             "batch/trajectories": len(batch.trajectories),
         }
-        if not batch.trajectories:
-            metrics["train/skipped"] = 1
+        if not batch.trajectories or batch.num_sampled_tokens == 0:
+            metrics["train/skipped"] = 1  # nothing to learn from: the weights stay
+            if batch.trajectories:
+                metrics["batch/no_sampled_tokens"] = 1
             return metrics
         for key, value in self.train_step(batch).items():  # timings (*_s) go with the others
             metrics[f"time/{key}" if key.endswith("_s") else f"train/{key}"] = value
@@ -427,7 +429,12 @@ class Learner:
         return str(path)
 
     def save(self, root: str, extra: dict | None = None) -> str:
-        return str(ckpt.save(root, self.model, self.optimizer, self.scheduler, self.step, extra))
+        """Checkpoint `root/step_N`: N is the run's step (extra["step"]; a skipped step makes it
+        run ahead of the optimizer's), else the optimizer's."""
+        name = (extra or {}).get("step", self.step)
+        return str(
+            ckpt.save(root, self.model, self.optimizer, self.scheduler, self.step, extra, name)
+        )
 
     def load(self, path: str) -> dict:
         self.step, extra = ckpt.load(path, self.model, self.optimizer, self.scheduler)

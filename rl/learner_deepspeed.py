@@ -165,7 +165,7 @@ class DeepSpeedLearner(Learner):
         written into NAME.tmp and renamed, with `latest` naming it (rl.checkpoint.latest reads it).
         Loadable at the same world size only (DeepSpeed's ZeRO-3 shard layout)."""
         root = Path(root)
-        final = root / f"step_{self.step:08d}"
+        final = root / f"step_{(extra or {}).get('step', self.step):08d}"  # the run's step
         tmp = root / f"{final.name}.tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

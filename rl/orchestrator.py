@@ -86,7 +86,8 @@ class Orchestrator:
         self.dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.dir)
-        self.step = 0  # learner steps done = the policy version the workers should have
+        self.step = 0  # learner steps done, skipped ones included (the run's step counter)
+        self.version = 0  # optimizer steps done = the policy version the workers should have
         self.draws = 0  # groups drawn so far (their seeds)
         envs = {
             name: registry.get(name)(registry.get(name).validate_config(sec.config))
@@ -147,7 +148,7 @@ class Orchestrator:
         self.workers[index] = self._new_worker(index)
         self.weight_group_ready = False  # collective: the group forms again with the new worker
         if self.learners:  # the current weights through the object store, whatever the method
-            for _, acks in self._object_store_update(self.step, [index]):
+            for _, acks in self._object_store_update(self.version, [index]):
                 ray.get(acks)
 
     def start_learners(self) -> None:
@@ -378,6 +379,7 @@ class Orchestrator:
         self._collect_acks()
         extra = {
             "step": self.step,
+            "version": self.version,
             "draws": self.draws,
             "source": self.source.state_dict(),
             "buffer": self.buffer.state_dict(),
@@ -402,6 +404,7 @@ class Orchestrator:
             return False
         extra = ray.get([a.load.remote(str(path)) for a in self.learners])[0]
         self.step, self.draws = extra["step"], extra["draws"]
+        self.version = extra.get("version", self.step)
         self.source.load_state_dict(extra["source"])
         self.buffer.load_state_dict(extra["buffer"])
         self.retry = [Task(**t) for t in extra["retry"]]
@@ -410,7 +413,7 @@ class Orchestrator:
         ]
         self.evals = extra["evals"]
         self.log.truncate_after(self.step)
-        self.sync_weights(self.step)
+        self.sync_weights(self.version)
         print(f"resumed {self.dir} at step {self.step} from {path.name}", flush=True)
         return True
 
@@ -423,7 +426,7 @@ class Orchestrator:
                 "time/weight_sync_s": sync_s,
                 "time/weight_sync_share": sync_s / max(step_s, 1e-9),
                 "throughput/sampled_tokens_per_s": tokens / max(step_s, 1e-9),
-                "policy_version": self.step,
+                "policy_version": self.version,
             }
         )
         metrics.update(self.buffer.metrics())
@@ -468,14 +471,17 @@ class Orchestrator:
             groups = self.generate_sync(cfg.groups_per_step)
             for g in groups:
                 self.buffer.add(g)
-            taken, _ = self.buffer.take(cfg.groups_per_step, self.step)
+            taken, _ = self.buffer.take(cfg.groups_per_step, self.version)
             t_learn = time.monotonic()
             metrics = self._trained(self._train(taken))
             metrics["time/rollout_s"] = t_learn - t0
             metrics["time/learner_s"] = time.monotonic() - t_learn
             self.step += 1
-            self.check_sampler_agreement(metrics)
-            sync_s = self.sync_weights(self.step)
+            sync_s = 0.0
+            if not metrics.get("train/skipped"):  # a skipped step changes no weight
+                self.version += 1
+                self.check_sampler_agreement(metrics)
+                sync_s = self.sync_weights(self.version)
             self._log_step(metrics, bar, t0, sync_s, taken)
 
     def check_sampler_agreement(self, metrics: dict) -> None:
@@ -501,20 +507,21 @@ class Orchestrator:
                 inflight[self._submit(w, [group])] = InFlight(w, group, self.workers[w])
                 load[w] += 1
             if training is None and len(self.buffer) >= cfg.groups_per_step:
-                taken, stale = self.buffer.take(cfg.groups_per_step, self.step)
+                taken, stale = self.buffer.take(cfg.groups_per_step, self.version)
                 self.retry += [g.task for g in stale]
-                if len(taken) == cfg.groups_per_step:
-                    training = self._train(taken)
-                else:  # not enough fresh groups: put them back, generate more
-                    self.buffer.groups.extendleft(reversed(taken))
+                if not taken:  # not enough fresh groups (they stay buffered): generate more
                     continue
+                training = self._train(taken)
             waiting = list(inflight) + ([training.refs[0]] if training else [])
             ready, _ = ray.wait(waiting, num_returns=1)
             ref = ready[0]
             if training and ref == training.refs[0]:
                 metrics = self._trained(training)
                 self.step += 1
-                sync_s = self.sync_weights(self.step, wait=False)
+                sync_s = 0.0
+                if not metrics.get("train/skipped"):  # a skipped step changes no weight
+                    self.version += 1
+                    sync_s = self.sync_weights(self.version, wait=False)
                 self._log_step(metrics, bar, t_step, sync_s, training.groups)
                 t_step, training = time.monotonic(), None
             else:
@@ -537,11 +544,11 @@ class Orchestrator:
             )
 
     def _train(self, groups: list[Group]) -> Training:
-        """Start a learner step on `groups` at policy version self.step on every rank (each
+        """Start a learner step on `groups` at policy version self.version on every rank (each
         builds the advantages and the loss: rl.learner.Learner.train_on); returns at once, so the
         async loop keeps receiving rollouts meanwhile."""
         trajs = [t for g in groups for t in g.trajectories]
-        refs = [a.train_on.remote(trajs, self.step) for a in self.learners]
+        refs = [a.train_on.remote(trajs, self.version) for a in self.learners]
         return Training(refs, groups)
 
     def _trained(self, training: Training) -> dict:

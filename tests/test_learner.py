@@ -20,6 +20,7 @@ from rl.learner import (
     start_learners,
     token_logprobs,
 )
+from rl.types import Trajectory
 
 TINY = ModelSpec("preset:tiny")
 
@@ -128,6 +129,18 @@ def test_output_layer_on_selected_positions_equals_the_full_one():
         assert lp[outside].abs().max() == 0 and ent[outside].abs().max() == 0
         scale = max(full_g[n].abs().max().item() for n in g)  # fp32 summation-order noise
         assert max((g[n] - full_g[n]).abs().max().item() for n in g) < 1e-6 * scale
+
+
+def test_a_batch_without_sampled_tokens_is_reported_not_trained():
+    learner = Learner(config(), TINY)
+    before = weights(learner)
+    trajs = [
+        Trajectory("t", "e", "g", [1, 2, 3], [0, 0, 0], [0.0] * 3, [-1] * 3, 3, reward=float(r))
+        for r in (0, 1)
+    ]
+    metrics = learner.train_on(trajs, version=0)
+    assert metrics["train/skipped"] == 1 and metrics["batch/no_sampled_tokens"] == 1
+    assert learner.step == 0 and max_diff(weights(learner), before) == 0
 
 
 def test_metrics_are_reported():

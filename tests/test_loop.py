@@ -65,6 +65,24 @@ def test_any_seed_trains_every_step(ray_local, tmp_path):
         assert all("train/loss" in r and r["rollout/env_error"] == 0 for r in train)
 
 
+def test_a_skipped_step_changes_no_weight_and_no_version(ray_local, tmp_path):
+    """Every group's rewards equal (the tiny random model never writes a boxed answer) and
+    zero-advantage groups filtered: each step is skipped, reported, and the policy version stays
+    0 (no weight sync); checkpoints are still named by the run's step."""
+    math_only = [
+        "envs.reverse.weight=0", "envs.math.weight=1", "envs.math.config.n_train=16",
+        "envs.math.config.n_test=2", "envs.math.config.lenient=false",
+        "learner.loss.filter_zero_advantage_groups=true", "steps=2", "checkpoint.every=1",
+    ]  # fmt: skip
+    rows = run(tmp_path, "skip", *math_only)
+    train = [r for r in rows if "time/step_s" in r]
+    assert len(train) == 2
+    assert all(r["train/skipped"] == 1 and r["policy_version"] == 0 for r in train)
+    assert all(r["batch/filtered_groups"] == 2 and "train/loss" not in r for r in train)
+    ckpts = sorted(p.name for p in (tmp_path / "skip" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000001", "step_00000002"]
+
+
 def test_collective_weight_sync_trains_exactly_like_the_object_store(ray_local, tmp_path):
     """weight_sync.method=collective (learner rank 0 broadcasts over a gloo group to two workers,
     in small buckets) gives the same run as the object store: every update arrived bit for bit."""
