@@ -360,15 +360,16 @@ class Learner:
         sd = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sd.items()}
         return to_hf_state_dict(sd, self.model_config) if sd else {}
 
-    def publish_weights(self, bucket_bytes: int) -> list:
+    def publish_weights(self, bucket_bytes: int) -> tuple[int, list]:
         """Full HF-named weights split into buckets of about `bucket_bytes`, each put in Ray's
         object store as numpy arrays (rl/weights.to_arrays; rank 0, other ranks take part and
-        return []). Returns the ObjectRefs."""
+        return []). Returns (the policy version these weights are: optimizer steps done, the
+        ObjectRefs): the label comes with the weights, whatever ran on this actor before."""
         import ray
 
         sd = self.hf_state_dict()
         buckets = split_state_dict(sd, bucket_bytes) if sd else []
-        return [ray.put(to_arrays(bucket)) for bucket in buckets]
+        return self.step, [ray.put(to_arrays(bucket)) for bucket in buckets]
 
     # weight_sync.method=collective: rank 0 is the source of a process group with the workers
 

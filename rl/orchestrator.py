@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 from tqdm import tqdm
@@ -148,7 +149,8 @@ class Orchestrator:
         self.workers[index] = self._new_worker(index)
         self.weight_group_ready = False  # collective: the group forms again with the new worker
         if self.learners:  # the current weights through the object store, whatever the method
-            for _, acks in self._object_store_update(self.version, [index]):
+            # (labelled with the learner's own version: in async mode a step may be finishing)
+            for _, _, acks in self._object_store_update(None, [index]):
                 ray.get(acks)
 
     def start_learners(self) -> None:
@@ -208,16 +210,26 @@ class Orchestrator:
             return time.monotonic() - t0 + self.sync_weights(version, wait)
         return time.monotonic() - t0
 
-    def _object_store_update(self, version: int, workers) -> list[tuple[int, list]]:
+    def _object_store_update(self, version: int | None, workers) -> list[tuple[int, Any, list]]:
         """The learner publishes its weights to the object store; each of `workers` (indices)
-        fetches them. Returns (worker, acknowledgement refs) pairs. Each worker gets the whole
-        update (the list of bucket refs) in one call: Ray runs the calls of an async actor out of
-        order, so one call per bucket could apply an update before all its buckets arrived."""
-        refs = self.learner_get(
+        fetches them. Returns (worker, its actor, acknowledgement refs). Each worker gets the
+        whole update (the list of bucket refs) in one call: Ray runs the calls of an async actor
+        out of order, so one call per bucket could apply an update before all its buckets
+        arrived. The weights carry the learner's version; `version` (None: any) is what the loop
+        expects, and a learner that published another stops the run."""
+        published, refs = self.learner_get(
             [a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners],
             "weight publishing",
         )[0]
-        return [(w, [self.workers[w].receive_weights.remote(refs, version)]) for w in workers]
+        if version is not None and published != version:
+            raise RuntimeError(
+                f"the learner published policy version {published} where the loop is at "
+                f"{version} (step {self.step}): learner and loop disagree on the optimizer steps"
+            )
+        return [
+            (w, self.workers[w], [self.workers[w].receive_weights.remote(refs, published)])
+            for w in workers
+        ]
 
     def _broadcast_weights(self, version: int) -> None:
         """weight_sync.method=collective: learner rank 0 broadcasts to the workers' group. Dead
@@ -231,7 +243,7 @@ class Orchestrator:
                 a.broadcast_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners
             ]
             receiving = [
-                (w, [wk.receive_broadcast.remote(version)]) for w, wk in enumerate(self.workers)
+                (w, wk, [wk.receive_broadcast.remote(version)]) for w, wk in enumerate(self.workers)
             ]
             try:
                 ray.get(sending)
@@ -281,11 +293,14 @@ class Orchestrator:
         it forms again before the next broadcast)."""
         pending, self.pending_acks = self.pending_acks, []
         failed = []
-        for index, acks in pending:
+        for index, actor, acks in pending:
             try:
                 ray.get(acks)
             except ray.exceptions.RayActorError as e:
-                self.replace_worker(index, e)
+                # the actor that sent it: a late failure of a worker already replaced must not
+                # take down its replacement
+                if self.workers[index] is actor:
+                    self.replace_worker(index, e)
             except ray.exceptions.RayTaskError as e:
                 print(f"worker {index} did not receive the weights: {e}", flush=True)
                 self.faults["weight_sync_failures"] += 1

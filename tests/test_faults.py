@@ -74,6 +74,26 @@ def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_local, tmp_pa
     assert train_rows(tmp_path / "crash") == train_rows(tmp_path / "straight")
 
 
+def test_killed_worker_in_async_mode_with_two_learner_ranks(ray_local, tmp_path):
+    """Async mode, two FSDP ranks, two workers: a worker killed mid-run is replaced (with the
+    learner's weights, labelled with the learner's own version even while a step finishes), the
+    run completes, staleness stays within max_lag and no group trains twice."""
+    args = [*TINY_RUN, "steps=5", "mode=async", "max_lag=1", "num_learners=2",
+            "rollout.num_workers=2", "checkpoint.export_hf=false"]  # fmt: skip
+    orch = Orchestrator(load_config(None, args), tmp_path / "async")
+    thread, box = run_in_thread(orch)
+    wait_for(lambda: orch.step >= 2, 300)
+    ray_local.kill(orch.workers[0], no_restart=True)
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    steps = [r for r in rows(tmp_path / "async") if "time/step_s" in r]
+    assert len(steps) == 5 and steps[-1]["faults/worker_restarts"] >= 1
+    assert all(r["staleness/max_token_lag"] <= 1 for r in steps)
+    assert [r["policy_version"] for r in steps] == [1, 2, 3, 4, 5]
+    groups = [g for r in rows(tmp_path / "async", "trained.jsonl") for g in r["groups"]]
+    assert len(groups) == len(set(groups)) == 5 * 2
+
+
 def test_hanging_environment_times_out_and_is_excluded(ray_local, tmp_path):
     cfg = load_config(
         None,

@@ -88,12 +88,13 @@ def _ray_parts(ray):
         return arrays
 
     class StandInLearner:
-        def __init__(self, sd: dict, late_bucket: int | None, delay_s: float = 1.0):
+        def __init__(self, sd: dict, late_bucket: int | None, version: int, delay_s: float = 1.0):
             self.sd, self.late_bucket, self.delay_s = sd, late_bucket, delay_s
+            self.version = version
 
-        def publish_weights(self, bucket_bytes: int) -> list:
+        def publish_weights(self, bucket_bytes: int) -> tuple[int, list]:
             buckets = [to_arrays(b) for b in split_state_dict(self.sd, bucket_bytes)]
-            return [
+            return self.version, [
                 late.remote(b, self.delay_s) if i == self.late_bucket else ray.put(b)
                 for i, b in enumerate(buckets)
             ]
@@ -119,7 +120,7 @@ def test_an_update_whose_buckets_arrive_out_of_order_is_applied_whole(ray_local,
         # the first bucket late, a middle one late, none late; and once more after a no-op
         for version, late_bucket in ((1, 0), (2, n_buckets // 2), (3, None), (4, 0)):
             update = {k: v + version for k, v in base.items()}
-            orch.learners = [Learner.remote(update, late_bucket)]
+            orch.learners = [Learner.remote(update, late_bucket, version)]
             orch.sync_weights(version)
             assert ray.get(worker.version.remote()) == version
             stale = stale_tensors(ray.get(worker.weights.remote()), update)
