@@ -214,12 +214,18 @@ class Environment(abc.ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    # the reward of an episode the rollout cuts off (turn or token limit) before `done`
+    truncation_reward: float = 0.0
 
     def __init__(self, config: Any = None) -> None:
         # An instance of config_cls; a mapping or None is validated into one for convenience.
         if not isinstance(config, self.config_cls):
             config = self.validate_config(config)
         self.config = config
+
+    def observe_tokens(self, used: int) -> None:  # noqa: B027 - optional hook
+        """Before each `step`: the episode's exact token count so far (prompt, turns, tool
+        results). An env with a token budget (SWE: the budget note) keeps it; others ignore it."""
 
     @classmethod
     def validate_config(cls, raw: Mapping | None) -> Any:

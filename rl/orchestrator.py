@@ -34,7 +34,7 @@ from rl.learner import start_learners
 from rl.rollout import RolloutWorker
 from rl.runlog import RunLog, eval_table, provenance
 from rl.tasks import TaskSource, derive_seed
-from rl.types import Trajectory
+from rl.types import Job, Trajectory
 from rl.weights import resolve_backend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,13 +100,13 @@ class Orchestrator:
             self.train_tasks, {n: s.weight for n, s in cfg.envs.items()}, seed=cfg.seed
         )
         self.buffer = Buffer(cfg.max_lag if cfg.mode == "async" else 0, cfg.on_stale)
-        self.retry: list[Task] = []  # stale groups to generate again (on_stale=requeue)
+        self.requeued_tasks: list[Task] = []  # of stale groups, to generate again (requeue)
         self.tokenizer = load_tokenizer(cfg.model)
         self.evals: dict[str, dict] = {}  # env -> {"points": [...]}
         self.workers: list = []
         self.learners: list = []
         self.inflight: dict = {}  # ObjectRef -> InFlight (async mode)
-        self.resubmit: list[Group] = []
+        self.inflight_at_checkpoint: list[Group] = []  # resumed: generated again, same seeds
         self.pending_acks: list = []  # weight update not yet acknowledged by every worker
         self.weight_group_ready = False  # weight_sync.method=collective: the group is formed
         self.faults = {"worker_restarts": 0, "weight_sync_failures": 0}
@@ -311,19 +311,21 @@ class Orchestrator:
     # -- generation -------------------------------------------------------------------------------
 
     def _next_group(self) -> Group:
-        if self.resubmit:  # groups in flight at the checkpoint, with their ids and seeds
-            return self.resubmit.pop(0)
-        task = self.retry.pop(0) if self.retry else self.source.next()
+        if self.inflight_at_checkpoint:  # with their ids and seeds
+            return self.inflight_at_checkpoint.pop(0)
+        task = self.requeued_tasks.pop(0) if self.requeued_tasks else self.source.next()
         seed = derive_seed(self.cfg.seed, "group", self.draws)
         group = Group(task, f"g{self.draws}-{task.id}", [], seed)
         self.draws += 1
         return group
 
     def _submit(self, worker: int, groups: list[Group]):
-        jobs = [(g.task, self.cfg.group_size, g.group_id, g.seed) for g in groups]
-        return self.workers[worker].run_groups.remote(jobs)
+        return self.workers[worker].run_groups.remote([self._job(g) for g in groups])
 
-    def run_jobs(self, jobs: list[tuple], overrides: dict | None = None) -> list[list[dict]]:
+    def _job(self, group: Group) -> Job:
+        return Job(group.task, self.cfg.group_size, group.group_id, group.seed)
+
+    def run_jobs(self, jobs: list[Job], overrides: dict | None = None) -> list[list[dict]]:
         """Run episode groups spread over the workers, in job order; a worker that dies is
         replaced and its share run again (same seeds, same weights: the same trajectories)."""
         n = len(self.workers)
@@ -349,8 +351,7 @@ class Orchestrator:
     def generate_sync(self, n: int) -> list[Group]:
         """n groups with the current policy, spread over the workers."""
         groups = [self._next_group() for _ in range(n)]
-        jobs = [(g.task, self.cfg.group_size, g.group_id, g.seed) for g in groups]
-        for group, trajs in zip(groups, self.run_jobs(jobs)):
+        for group, trajs in zip(groups, self.run_jobs([self._job(g) for g in groups])):
             group.trajectories = [Trajectory.from_dict(t) for t in trajs]
         return groups
 
@@ -398,7 +399,7 @@ class Orchestrator:
             "draws": self.draws,
             "source": self.source.state_dict(),
             "buffer": self.buffer.state_dict(),
-            "retry": [vars(t) for t in self.retry],
+            "retry": [vars(t) for t in self.requeued_tasks],
             "inflight": [
                 {"task": vars(i.group.task), "group_id": i.group.group_id, "seed": i.group.seed}
                 for i in self.inflight.values()
@@ -422,8 +423,8 @@ class Orchestrator:
         self.version = extra.get("version", self.step)
         self.source.load_state_dict(extra["source"])
         self.buffer.load_state_dict(extra["buffer"])
-        self.retry = [Task(**t) for t in extra["retry"]]
-        self.resubmit = [
+        self.requeued_tasks = [Task(**t) for t in extra["retry"]]
+        self.inflight_at_checkpoint = [
             Group(Task(**g["task"]), g["group_id"], [], g["seed"]) for g in extra["inflight"]
         ]
         self.evals = extra["evals"]
@@ -523,7 +524,7 @@ class Orchestrator:
                 load[w] += 1
             if training is None and len(self.buffer) >= cfg.groups_per_step:
                 taken, stale = self.buffer.take(cfg.groups_per_step, self.version)
-                self.retry += [g.task for g in stale]
+                self.requeued_tasks += [g.task for g in stale]
                 if not taken:  # not enough fresh groups (they stay buffered): generate more
                     continue
                 training = self._train(taken)
@@ -587,7 +588,7 @@ class Orchestrator:
             if not tasks:
                 continue
             jobs = [
-                (t, ev.samples, f"eval-{tag}-{i}", derive_seed(cfg.seed, "eval", i))
+                Job(t, ev.samples, f"eval-{tag}-{i}", derive_seed(cfg.seed, "eval", i))
                 for i, t in enumerate(tasks)
             ]
             groups = self.run_jobs(jobs, overrides)

@@ -26,7 +26,7 @@ from model.loader import ModelSpec, build_model, load_tokenizer
 from rl.engines.base import Completion, Engine, SamplingParams
 from rl.engines.native import NativeEngine
 from rl.tasks import derive_seed
-from rl.types import Trajectory
+from rl.types import Job, Trajectory
 from rl.weights import WeightGroup, from_arrays, merge_buckets, recv_weights
 
 
@@ -186,23 +186,24 @@ class RolloutWorker:
 
     # -- episodes ---------------------------------------------------------------------------------
 
-    async def run_groups(
-        self, jobs: list[tuple[Task, int, str, int]], overrides: dict | None = None
-    ) -> list[list[dict]]:
-        """Groups of episodes, each job (task, group size G, group id, seed); trajectories come
-        back as dicts (Trajectory.to_dict), grouped as the jobs were. `overrides` replaces
-        sampling settings of RolloutConfig for these episodes (evaluation: temperature...)."""
+    async def run_groups(self, jobs: list[Job], overrides: dict | None = None) -> list[list[dict]]:
+        """A group of episodes per job; trajectories come back as dicts (Trajectory.to_dict),
+        grouped as the jobs were. `overrides` replaces sampling settings of RolloutConfig for
+        these episodes (evaluation: temperature...)."""
         cfg = dataclasses.replace(self.config, **(overrides or {}))
         batcher = self._batcher()
-        for _, g, _, _ in jobs:
-            for _ in range(g):
+        for job in jobs:
+            for _ in range(job.samples):
                 batcher.episode_started()
         groups = await asyncio.gather(
             *(
                 asyncio.gather(
-                    *(self._episode(t, gid, i, derive_seed(seed, i), cfg) for i in range(g))
+                    *(
+                        self._episode(job.task, job.group_id, i, derive_seed(job.seed, i), cfg)
+                        for i in range(job.samples)
+                    )
                 )
-                for t, g, gid, seed in jobs
+                for job in jobs
             )
         )
         return [[t.to_dict() for t in group] for group in groups]
@@ -239,7 +240,7 @@ class RolloutWorker:
                     room = cfg.max_context - len(tokens)
                     if turns >= cfg.max_turns or room <= 0:
                         status = "truncated"
-                        reward = float(getattr(env, "truncation_reward", 0.0))
+                        reward = float(env.truncation_reward)
                         break
                     params = SamplingParams(
                         max_new_tokens=min(cfg.max_new_tokens, room),
@@ -252,20 +253,22 @@ class RolloutWorker:
                     out = await batcher.generate((group_id, index, turns), list(tokens), params)
                     append(out.token_ids, out)
                     turns += 1
-                    if hasattr(env, "tokens_used"):  # multi-turn envs report a token budget
-                        env.tokens_used = len(tokens)
+                    env.observe_tokens(len(tokens))  # exact, for envs with a token budget
                     result = await env.step(chat.response_text(out.token_ids))
                     metrics.update(result.info)
                     if result.done:
                         status, reward = result.status, result.reward
                         break
+                    reply: list[int] = []
                     for k, message in enumerate(result.messages):
                         last = k == len(result.messages) - 1
-                        append(
-                            chat.encode_turn(
-                                message, add_generation_prompt=last, previous_ids=tokens
-                            )
+                        reply += chat.encode_turn(
+                            message, add_generation_prompt=last, previous_ids=tokens + reply
                         )
+                    if len(tokens) + len(reply) >= cfg.max_context:  # no room left after it
+                        status, reward = "truncated", float(env.truncation_reward)
+                        break
+                    append(reply)
         except TimeoutError:
             status, reward = "timeout", None
         except Exception as e:  # noqa: BLE001 - an env failure: reward unavailable, never 0

@@ -135,6 +135,18 @@ class Trajectory:
         return cls(**kwargs).validate()
 
 
+@dataclass(frozen=True)
+class Job:
+    """What a rollout worker runs: `samples` episodes of one task, one group. Their seeds derive
+    from `seed` (rl.tasks.derive_seed(seed, i) for episode i), so a job run again (a replaced
+    worker, a resumed run) yields the same trajectories."""
+
+    task: Any  # envs.base.Task
+    samples: int  # G
+    group_id: str
+    seed: int
+
+
 @dataclass
 class TrainBatch:
     """What one learner step trains on: trajectories and their per-token advantages.

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from rl.health import CircuitBreaker, FailuresConfig, Outcome, outcome, outcomes
-from rl.types import Trajectory
+from rl.types import Job, Trajectory
 
 CONNECTION = "SandboxError: no Docker API answers at unix:///tmp/x.sock (ConnectionRefusedError)"
 
@@ -171,7 +171,7 @@ def test_an_engine_failing_for_the_whole_batch_trips_the_same_breaker():
     async def two_steps() -> list:  # one event loop: the worker's batcher lives on it
         verdicts = []
         for i in range(2):
-            jobs = [(task, 3, f"s{i}-{task.id}", 7 * i + k) for k, task in enumerate(tasks[:2])]
+            jobs = [Job(task, 3, f"s{i}-{task.id}", 7 * i + k) for k, task in enumerate(tasks[:2])]
             groups = await worker.run_groups(jobs)
             trajs = [Trajectory.from_dict(t) for g in groups for t in g]
             assert all(t.status == "env_error" and t.reward is None for t in trajs)

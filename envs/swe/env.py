@@ -19,7 +19,7 @@ the oracle patch (workspace.find_leaks) and raises if it finds them: off by defa
 reads the whole repository.
 
 Tokens: the env cannot see the tokenizer, so it estimates (characters / 4) unless whoever runs
-the episode sets `env.tokens_used` before each step (the rollout worker knows the exact count).
+the rollout calls `env.observe_tokens(n)` before each step (it knows the exact count).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class SWEEnv(Environment):
         super().__init__(config)
         self.config: SWEConfig
         self.truncation_reward = -self.config.reward_scale  # read by the rollout at its limits
-        self.tokens_used: int | None = None  # set from outside for an exact budget note
+        self.tokens_used: int | None = None  # exact, from observe_tokens (else estimated)
         self._tasks: dict[str, list[Task]] | None = None
         self._instance: SWEInstance | None = None
         self._workspace: Workspace | None = None
@@ -257,6 +257,9 @@ class SWEEnv(Environment):
         messages = self.prompt_messages(instance, self._workspace.repo_path)
         self._chars += sum(len(m["content"]) for m in messages)
         return messages
+
+    def observe_tokens(self, used: int) -> None:
+        self.tokens_used = used
 
     def _tokens_left(self) -> int:
         used = self.tokens_used
