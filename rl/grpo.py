@@ -452,7 +452,7 @@ def packed_policy_loss(
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """`policy_loss` on a packed rl.packing.MicroBatch (per-position [1, T] tensors; `logprobs`
-    [T] or [1, T]); reads optional `old_logprobs` / `ref_logprobs` attributes if it has them."""
+    [T] or [1, T]), with its `old_logprobs` / `ref_logprobs` when set."""
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     return policy_loss(
         flat(logprobs),
@@ -460,8 +460,8 @@ def packed_policy_loss(
         flat(micro_batch.advantages),
         flat(micro_batch.loss_mask),
         config,
-        old_logprobs=flat(getattr(micro_batch, "old_logprobs", None)),
-        ref_logprobs=flat(getattr(micro_batch, "ref_logprobs", None)),
+        old_logprobs=flat(micro_batch.old_logprobs),
+        ref_logprobs=flat(micro_batch.ref_logprobs),
         seq_ids=flat(micro_batch.seq_index),
         normaliser=normaliser,
         entropy=flat(entropy),

@@ -46,6 +46,10 @@ class MicroBatch:
     advantages: torch.Tensor  # per predicted token
     seq_index: torch.Tensor  # long: index (into the step's trajectory list) of each position's doc
     indices: list[int]  # which trajectories this micro-batch holds
+    # set by the learner: its log-probs before the step (truncated importance sampling) and a
+    # frozen reference policy's (KL penalty), [1, T] like the rest; None when not used
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -151,17 +151,15 @@ class Job:
 class TrainBatch:
     """What one learner step trains on: trajectories and their per-token advantages.
 
-    `advantages[i]` is aligned with `trajectories[i].tokens` (0.0 where not sampled).
-    `old_logprobs` (the learner's log-probs before the step; truncated importance sampling) and
-    `ref_logprobs` (a reference policy's; KL penalty) are filled in by the learner when used."""
+    `advantages[i]` is aligned with `trajectories[i].tokens` (0.0 where not sampled). The
+    learner's own log-probs (before the step, for truncated importance sampling; a reference
+    policy's, for the KL penalty) live on its micro-batches (rl.packing.MicroBatch)."""
 
     trajectories: list[Trajectory]
     advantages: list[list[float]]
     num_excluded: int = 0  # env_error / timeout trajectories left out (reward unavailable)
     num_filtered_groups: int = 0  # groups dropped because every advantage was 0 (DAPO)
     num_filtered_trajectories: int = 0
-    old_logprobs: list[list[float]] | None = None
-    ref_logprobs: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.trajectories)
@@ -173,7 +171,7 @@ class TrainBatch:
     def validate(self) -> TrainBatch:
         """Check per-token lists line up with the trajectories; raise ValueError naming them."""
         n = len(self.trajectories)
-        for name in ("advantages", "old_logprobs", "ref_logprobs"):
+        for name in ("advantages",):
             rows = getattr(self, name)
             if rows is None:
                 continue

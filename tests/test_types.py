@@ -104,5 +104,5 @@ def test_train_batch_validate():
     assert len(batch.validate()) == 2 and batch.num_sampled_tokens == 6
     with pytest.raises(ValueError, match="advantages has 1 rows but there are 2 trajectories"):
         TrainBatch([t, t], [[0.0] * 8]).validate()
-    with pytest.raises(ValueError, match=r"old_logprobs\[1\] has 7 entries"):
-        TrainBatch([t, t], [[0.0] * 8] * 2, old_logprobs=[[0.0] * 8, [0.0] * 7]).validate()
+    with pytest.raises(ValueError, match=r"advantages\[1\] has 7 entries"):
+        TrainBatch([t, t], [[0.0] * 8, [0.0] * 7]).validate()
