@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import types
 import typing
 from collections.abc import Mapping
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NotRequired, TypedDict, Union
 
 TASK_SPLITS = ("train", "test")
-STEP_STATUSES = ("ok", "truncated", "env_error", "timeout")
+# how an episode ended (StepResult.status, rl.types.Trajectory.status): the one list
+STATUSES = ("ok", "truncated", "env_error", "timeout")
+STEP_STATUSES = STATUSES
 
 
 class Message(TypedDict):
@@ -199,6 +202,14 @@ def require_config(condition: bool, key: str, message: str) -> None:
     """Value check for a config's `__post_init__`: raise ConfigError naming `key` unless `condition`."""
     if not condition:
         raise ConfigError(f"key '{key}' {message}")
+
+
+def hash_split(key: str, test_fraction: float = 0.1) -> str:
+    """ "test" or "train" from a hash of a problem's content (or id): the same problem always
+    falls in the same split, whatever the seed, so held-out problems never appear in training.
+    Every environment splits with this."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return "test" if bucket < test_fraction else "train"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from envs.base import Environment, Message, StepResult, Task, require_config
+from envs.base import Environment, Message, StepResult, Task, hash_split, require_config
 from envs.data import MAX_WARNINGS, DataError, read_records
 from rewards.tests import run_tests, validate_tests
 
@@ -129,12 +129,6 @@ def extract_program(text: str, *, reasoning: bool = False, require_think: bool =
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _hash_split(key: str, test_fraction: float) -> str:
-    """Same rule as the math env: a hash of the content picks the split, whatever the seed."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-    return "test" if bucket < test_fraction else "train"
 
 
 def _record_payload(record: Any) -> tuple[str | None, dict]:
@@ -249,7 +243,7 @@ class CodeEnv(Environment):
             for task in humaneval_tasks(self.name):
                 split = "test"
                 if config.humaneval_split == "hash":
-                    split = _hash_split(task.payload["problem"], config.test_fraction)
+                    split = hash_split(task.payload["problem"], config.test_fraction)
                 by_split[split].append(_with_split(task, split))
         else:
             assert config.path is not None  # checked by CodeConfig
@@ -258,7 +252,7 @@ class CodeEnv(Environment):
                     by_split[split] = [t for _, t in load_jsonl_tasks(path, config, self.name)]
             else:
                 for problem, task in load_jsonl_tasks(config.path, config, self.name):
-                    split = _hash_split(problem, config.test_fraction)
+                    split = hash_split(problem, config.test_fraction)
                     by_split[split].append(_with_split(task, split))
         test_problems = {t.payload["problem"] for t in by_split["test"]}
         for split in ("train", "test"):

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-STATUSES = ("ok", "truncated", "env_error", "timeout")
+from envs.base import STATUSES  # noqa: E402 - the one list of how an episode ended
+
 # reward unavailable: the trajectory is left out of the loss and counted, never scored as 0
 EXCLUDED_STATUSES = ("env_error", "timeout")
 # the behaviour log-prob of a sampled token is <= 0; this much rounding above 0 is tolerated

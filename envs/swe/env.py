@@ -25,13 +25,12 @@ the rollout calls `env.observe_tokens(n)` before each step (it knows the exact c
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from envs.base import Environment, Message, StepResult, Task, require_config
+from envs.base import Environment, Message, StepResult, Task, hash_split, require_config
 from envs.data import DataError
 from envs.sandbox.base import SandboxError
 from envs.swe import tools
@@ -158,11 +157,6 @@ class SWEConfig:
         )
 
 
-def _hash_split(key: str, test_fraction: float) -> str:
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-    return "test" if bucket < test_fraction else "train"
-
-
 class SWEEnv(Environment):
     """Multi-turn repository tasks with bash / edit / create / submit, scored by hidden tests."""
 
@@ -212,7 +206,7 @@ class SWEEnv(Environment):
             from envs.swe.build_tasks import ensure_tasks
 
             for instance in self._instances(str(ensure_tasks(config.tasks_dir))):
-                by_split[_hash_split(instance.instance_id, config.test_fraction)].append(instance)
+                by_split[hash_split(instance.instance_id, config.test_fraction)].append(instance)
         elif config.test_path is not None:
             assert config.path is not None
             by_split["train"] = self._instances(config.path)
@@ -220,7 +214,7 @@ class SWEEnv(Environment):
         else:
             assert config.path is not None
             for instance in self._instances(config.path):
-                by_split[_hash_split(instance.instance_id, config.test_fraction)].append(instance)
+                by_split[hash_split(instance.instance_id, config.test_fraction)].append(instance)
         held_out = {i.instance_id for i in by_split["test"]}
         by_split["train"] = [i for i in by_split["train"] if i.instance_id not in held_out]
         tasks = {}
