@@ -11,7 +11,7 @@ validated before anything runs. A sweep run again continues where it stopped: ru
 holds a complete eval.json are skipped, a run stopped half-way resumes from its newest checkpoint,
 and jobs still running on the cluster are tracked again (sweep_state.json). At the end:
 SWEEP_DIR/results.md (+ results.json), a table printed, and SWEEP_DIR/reward_curves.png.
-The sweep file's format is described in rl/sweep.py.
+The sweep file's format is described in launch/sweep_file.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 
 from envs.base import ConfigError
-from rl import sweep as sw
+from launch import sweep_file as sw
 from rl.config import RunConfig, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]

@@ -123,37 +123,66 @@ class RunLog:
         rows = self.read_metrics()
         if not rows:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        steps = [r["step"] for r in rows if "reward/mean" in r]
-        ax.plot(steps, [r["reward/mean"] for r in rows if "reward/mean" in r], label="train reward")
+        with_reward = [r for r in rows if "reward/mean" in r]
+        lines = [
+            {
+                "x": [r["step"] for r in with_reward],
+                "y": [r["reward/mean"] for r in with_reward],
+                "label": "train reward",
+            }
+        ]
         env_keys = sorted({k for r in rows for k in r if k.startswith("reward/env/")})
         if len(env_keys) > 1:
             for key in env_keys:
                 pts = [(r["step"], r[key]) for r in rows if key in r]
-                ax.plot(*zip(*pts), alpha=0.6, label=key.removeprefix("reward/env/"))
+                lines.append(
+                    {"x": [p[0] for p in pts], "y": [p[1] for p in pts], "alpha": 0.6,
+                     "label": key.removeprefix("reward/env/")}
+                )  # fmt: skip
         for ev in evals or []:
             pts = sorted((e["step"], e["pass@1"]) for e in ev.get("points", []))
             if pts:
-                ax.plot(*zip(*pts), "o--", label=f"held-out pass@1 ({ev['env']})")
-        ax.set_xlabel("step")
-        ax.set_ylabel("reward")
-        ax.set_title(self.dir.name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = self.dir / "reward_curve.png"
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+                lines.append(
+                    {"x": [p[0] for p in pts], "y": [p[1] for p in pts], "fmt": "o--",
+                     "label": f"held-out pass@1 ({ev['env']})"}
+                )  # fmt: skip
+        return plot_lines(
+            self.dir / "reward_curve.png", lines, title=self.dir.name, ylabel="reward"
+        )
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def plot_lines(
+    out: Path, lines: list[dict], *, title: str, ylabel: str, size=(7, 4), legend_size=None
+) -> Path:
+    """One PNG of curves over steps: each line a dict with "x", "y", optional "label", "fmt"
+    (a matplotlib format string) and style keys (color, alpha, linewidth). Used by a run's
+    reward_curve.png and by a sweep's reward_curves.png (launch/sweep_file.py)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=size)
+    for line in lines:
+        style = {k: v for k, v in line.items() if k not in ("x", "y", "fmt")}
+        ax.plot(line["x"], line["y"], line.get("fmt", "-"), **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any(line.get("label") for line in lines):
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def eval_table(before: dict[str, dict], after: dict[str, dict]) -> str:

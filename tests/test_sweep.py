@@ -1,4 +1,4 @@
-"""Sweeps from YAML (rl/sweep.py, launch/sweep.py): expansion and names, validation before
+"""Sweeps from YAML (launch/sweep_file.py, launch/sweep.py): expansion and names, validation before
 anything runs, the comparison table from hand-made run dirs, and a real local sweep of tiny runs
 that continues an interrupted one."""
 
@@ -16,7 +16,7 @@ import yaml
 
 from envs.base import ConfigError
 from launch import sweep as cli
-from rl import sweep as sw
+from launch import sweep_file as sw
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SWEEP = REPO / "configs" / "sweeps" / "smoke.yaml"
@@ -83,7 +83,7 @@ def test_run_names_are_stable_readable_and_order_independent():
     assert name == "eps_high-0.28_seed-1-0408cc1d"
     # the same in another interpreter (no dependence on Python's per-process hash seed)
     code = (
-        "from rl import sweep as sw; print(sw.run_name({'learner.loss.eps_high': 0.28, 'seed': 1},"
+        "from launch import sweep_file as sw; print(sw.run_name({'learner.loss.eps_high': 0.28, 'seed': 1},"
         " {'steps': 2, 'learner.loss.eps_high': 0.28, 'seed': 1}))"
     )
     out = subprocess.run(

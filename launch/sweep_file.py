@@ -46,6 +46,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from envs.base import ConfigError
 from rl.config import RunConfig, load_config
+from rl.runlog import plot_lines
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = (
@@ -523,30 +524,18 @@ def plot_reward_curves(
             curves.setdefault(run.variant, []).append(points)
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (variant, seeds) in enumerate(curves.items()):
-        color = colors[i % len(colors)]
+    colors = [f"C{i % 10}" for i in range(len(curves))]  # matplotlib's default cycle
+    lines = []
+    for color, (variant, seeds) in zip(colors, curves.items()):
         for points in seeds:
             steps = sorted(points)
-            ax.plot(steps, [points[s] for s in steps], color=color, alpha=0.3, linewidth=1)
+            lines.append({"x": steps, "y": [points[s] for s in steps], "color": color,
+                          "alpha": 0.3, "linewidth": 1})  # fmt: skip
         common = sorted(set.intersection(*(set(p) for p in seeds)))
         mean = [sum(p[s] for p in seeds) / len(seeds) for s in common]
-        ax.plot(common, mean, color=color, linewidth=2.2, label=f"{variant} (n={len(seeds)})")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{out.parent.name}: {metric} (thin: seeds, thick: mean)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        lines.append({"x": common, "y": mean, "color": color, "linewidth": 2.2,
+                      "label": f"{variant} (n={len(seeds)})"})  # fmt: skip
+    return plot_lines(
+        out, lines, title=f"{out.parent.name}: {metric} (thin: seeds, thick: mean)",
+        ylabel=metric, size=(8, 4.5), legend_size=7,
+    )  # fmt: skip
