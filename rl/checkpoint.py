@@ -79,14 +79,23 @@ def save(
     torch.save(rng_state(), tmp / f"rank{_rank()}_rng.pt")
     _barrier()
     if _rank() == 0:
-        meta = {"step": step, "scheduler": scheduler.state_dict(), "extra": extra or {}}
-        (tmp / "trainer.json").write_text(json.dumps(meta))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (root / "latest.tmp").write_text(final.name)
-        (root / "latest.tmp").rename(root / "latest")
+        commit(
+            tmp, final, {"step": step, "scheduler": scheduler.state_dict(), "extra": extra or {}}
+        )
     _barrier()
     return final
+
+
+def commit(tmp: Path, final: Path, meta: dict) -> None:
+    """Rank 0, after every rank wrote its part into `tmp`: trainer.json (whose presence marks a
+    complete checkpoint), then the atomic rename to `final`, then the `latest` pointer (itself
+    written and renamed). A crash at any point leaves the previous checkpoint as `latest`."""
+    (tmp / "trainer.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    root = final.parent
+    (root / "latest.tmp").write_text(final.name)
+    (root / "latest.tmp").rename(root / "latest")
 
 
 def latest(root: str | os.PathLike) -> Path | None:

@@ -182,11 +182,7 @@ class DeepSpeedLearner(Learner):
                 "backend": "deepspeed",
                 "world_size": self.world_size,
             }
-            (tmp / "trainer.json").write_text(json.dumps(meta))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            (root / "latest.tmp").write_text(final.name)
-            (root / "latest.tmp").rename(root / "latest")
+            ckpt.commit(tmp, final, meta)
         dist.barrier()
         return str(final)
 
