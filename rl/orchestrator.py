@@ -7,6 +7,11 @@ on-policy and reproducible from the seed. Async mode: workers keep generating wh
 trains; a new policy reaches the workers between decode steps (in flight), and the buffer admits a
 group only if its oldest token is at most `max_lag` versions behind the learner. Both modes share
 this code; sync is async with nothing generated ahead.
+
+One step, through the files it passes: rl/tasks.py (the next task and its seed) -> rl/workers.py
+(a Job on a worker) -> rl/rollout.py (the episodes: env + engine, token-in/token-out) ->
+rl/buffer.py (admission by staleness) -> rl/learner.py (Learner.train_on: rl/grpo.py's advantages
+and loss, one optimizer step) -> rl/weight_sync.py (the new weights to every worker).
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 from tqdm import tqdm
@@ -31,11 +35,11 @@ from rl.buffer import Buffer, Group
 from rl.config import RunConfig, to_yaml
 from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
 from rl.learner import start_learners
-from rl.rollout import RolloutWorker
 from rl.runlog import RunLog, eval_table, provenance
 from rl.tasks import TaskSource, derive_seed
 from rl.types import Job, Trajectory
-from rl.weights import resolve_backend
+from rl.weight_sync import WeightSync
+from rl.workers import WorkerPool
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_ENV = {
@@ -103,13 +107,13 @@ class Orchestrator:
         self.requeued_tasks: list[Task] = []  # of stale groups, to generate again (requeue)
         self.tokenizer = load_tokenizer(cfg.model)
         self.evals: dict[str, dict] = {}  # env -> {"points": [...]}
-        self.workers: list = []
-        self.learners: list = []
         self.inflight: dict = {}  # ObjectRef -> InFlight (async mode)
         self.inflight_at_checkpoint: list[Group] = []  # resumed: generated again, same seeds
-        self.pending_acks: list = []  # weight update not yet acknowledged by every worker
-        self.weight_group_ready = False  # weight_sync.method=collective: the group is formed
         self.faults = {"worker_restarts": 0, "weight_sync_failures": 0}
+        self.pool = WorkerPool(cfg, self.faults)  # rl/workers.py
+        self.weights = WeightSync(
+            cfg, self.pool, self.faults, self.learner_get
+        )  # rl/weight_sync.py
         self.checkpoint_s: float | None = None  # seconds the last save took (next row logs it)
         self.health = CircuitBreaker(cfg.failures)  # infrastructure failure stops the run
 
@@ -121,37 +125,7 @@ class Orchestrator:
         (self.dir / "provenance.json").write_text(json.dumps(provenance(REPO), indent=2))
         if learners:
             self.start_learners()
-        self.workers = [self._new_worker(i) for i in range(cfg.rollout.num_workers)]
-        ray.get([w.version.remote() for w in self.workers])
-
-    def _new_worker(self, index: int):
-        cfg = self.cfg
-        env_cfgs = {name: dict(sec.config) for name, sec in cfg.envs.items()}
-        actor = ray.remote(num_cpus=1, num_gpus=cfg.rollout.gpus)(RolloutWorker)
-        return actor.remote(
-            cfg.model, env_cfgs, cfg.rollout, index, deterministic=cfg.mode == "sync"
-        )
-
-    def replace_worker(self, index: int, error: Exception) -> None:
-        """A rollout worker died: start a new one with the current weights (its groups are then
-        generated again, with the same seeds). Counted in metrics as faults/worker_restarts."""
-        self.faults["worker_restarts"] += 1
-        if self.faults["worker_restarts"] > self.cfg.max_worker_restarts:
-            raise RuntimeError(
-                f"rollout workers died {self.faults['worker_restarts']} times "
-                f"(max_worker_restarts={self.cfg.max_worker_restarts}); last: {error}"
-            ) from error
-        print(f"rollout worker {index} died ({type(error).__name__}); restarting it", flush=True)
-        try:
-            ray.kill(self.workers[index], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        self.workers[index] = self._new_worker(index)
-        self.weight_group_ready = False  # collective: the group forms again with the new worker
-        if self.learners:  # the current weights through the object store, whatever the method
-            # (labelled with the learner's own version: in async mode a step may be finishing)
-            for _, _, acks in self._object_store_update(None, [index]):
-                ray.get(acks)
+        self.pool.start()
 
     def start_learners(self) -> None:
         cfg = self.cfg
@@ -165,10 +139,35 @@ class Orchestrator:
         )
 
     def stop(self) -> None:
-        for a in self.workers + self.learners:
+        self.pool.stop()
+        for a in self.learners:
             ray.kill(a)
-        self.workers, self.learners = [], []
+        self.learners = []
         self.log.close()
+
+    # the actors, where the pool and the weight sync keep them
+    @property
+    def workers(self) -> list:
+        return self.pool.workers
+
+    @workers.setter
+    def workers(self, actors: list) -> None:
+        self.pool.workers = actors
+
+    @property
+    def learners(self) -> list:
+        return self.weights.learners
+
+    @learners.setter
+    def learners(self, actors: list) -> None:
+        self.weights.learners = actors
+
+    def sync_weights(self, version: int, wait: bool = True) -> float:
+        """The learner's weights (policy `version`) to every worker: rl/weight_sync.py."""
+        return self.weights.sync(version, wait)
+
+    def _check_workers(self) -> int:
+        return self.pool.check()
 
     def learner_get(self, refs, what: str):
         """ray.get on learner work; a failure becomes LearnerFailure naming what failed."""
@@ -187,127 +186,6 @@ class Orchestrator:
                 f"the learner failed during {what} at step {self.step}: {cause}; {where}"
             ) from e
 
-    # -- weights ----------------------------------------------------------------------------------
-
-    def sync_weights(self, version: int, wait: bool = True) -> float:
-        """Learner -> every worker (weight_sync.method: through the object store, or broadcast
-        in a process group); returns the seconds the training loop was blocked. With wait=False
-        (async mode) the loop waits only for the learner's part; the workers apply the update
-        between two decode steps while the loop goes on. The previous update's acknowledgements
-        are collected first, so at most one update is ever outstanding."""
-        t0 = time.monotonic()
-        self._collect_acks()
-        if self.cfg.weight_sync.method == "collective":
-            self._broadcast_weights(version)
-        else:
-            self.pending_acks = self._object_store_update(version, range(len(self.workers)))
-        if wait and self._collect_acks():  # on-policy: every worker must have this version
-            if self.faults["weight_sync_failures"] > self.cfg.max_worker_restarts:
-                raise RuntimeError(
-                    f"weight sync failed {self.faults['weight_sync_failures']} times "
-                    f"(max_worker_restarts={self.cfg.max_worker_restarts})"
-                )
-            return time.monotonic() - t0 + self.sync_weights(version, wait)
-        return time.monotonic() - t0
-
-    def _object_store_update(self, version: int | None, workers) -> list[tuple[int, Any, list]]:
-        """The learner publishes its weights to the object store; each of `workers` (indices)
-        fetches them. Returns (worker, its actor, acknowledgement refs). Each worker gets the
-        whole update (the list of bucket refs) in one call: Ray runs the calls of an async actor
-        out of order, so one call per bucket could apply an update before all its buckets
-        arrived. The weights carry the learner's version; `version` (None: any) is what the loop
-        expects, and a learner that published another stops the run."""
-        published, refs = self.learner_get(
-            [a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners],
-            "weight publishing",
-        )[0]
-        if version is not None and published != version:
-            raise RuntimeError(
-                f"the learner published policy version {published} where the loop is at "
-                f"{version} (step {self.step}): learner and loop disagree on the optimizer steps"
-            )
-        return [
-            (w, self.workers[w], [self.workers[w].receive_weights.remote(refs, published)])
-            for w in workers
-        ]
-
-    def _broadcast_weights(self, version: int) -> None:
-        """weight_sync.method=collective: learner rank 0 broadcasts to the workers' group. Dead
-        workers are found (and replaced) before the broadcast; a broadcast that fails because a
-        worker died meanwhile is repeated in a group formed again."""
-        for _attempt in range(self.cfg.max_worker_restarts + 1):
-            self._check_workers()
-            if not self.weight_group_ready:
-                self._form_weight_group()
-            sending = [
-                a.broadcast_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners
-            ]
-            receiving = [
-                (w, wk, [wk.receive_broadcast.remote(version)]) for w, wk in enumerate(self.workers)
-            ]
-            try:
-                ray.get(sending)
-            except ray.exceptions.RayTaskError:  # a receiver gone, or the learner failing
-                dead = self._check_workers()
-                if not dead:
-                    self.learner_get(sending, "the weight broadcast")
-                    raise
-                self.weight_group_ready = False  # the survivors' receives end with the old group
-                print(f"weight broadcast failed ({dead} worker(s) died): again", flush=True)
-                continue
-            except ray.exceptions.RayActorError:
-                self.learner_get(sending, "the weight broadcast")
-                raise
-            self.pending_acks = receiving
-            return
-        raise RuntimeError("the weight broadcast failed on every attempt")
-
-    def _check_workers(self) -> int:
-        """Ping every worker; replace those that died. Returns how many were replaced."""
-        replaced = 0
-        pings = [worker.version.remote() for worker in self.workers]  # all at once
-        for w, ping in enumerate(pings):
-            try:
-                ray.get(ping, timeout=self.cfg.weight_sync.timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                self.replace_worker(w, e)
-                replaced += 1
-        return replaced
-
-    def _form_weight_group(self) -> None:
-        """Learner rank 0 (source, rank 0) and every worker (ranks 1..N) join a new group."""
-        ws = self.cfg.weight_sync
-        backend = resolve_backend(ws.backend, self.cfg.learner_gpus, self.cfg.rollout.gpus)
-        address = self.learner_get(
-            [self.learners[0].open_weight_group.remote(len(self.workers), backend, ws.timeout_s)],
-            "forming the weight-sync group",
-        )[0]
-        joins = [self.learners[0].join_weight_group.remote(address)]
-        joins += [wk.join_weight_group.remote(address, w + 1) for w, wk in enumerate(self.workers)]
-        ray.get(joins)
-        self.weight_group_ready = True
-
-    def _collect_acks(self) -> list[int]:
-        """Wait for every worker to apply the last update; replace any that died meanwhile.
-        Returns the workers whose receive failed while they lived (a broken weight-sync group:
-        it forms again before the next broadcast)."""
-        pending, self.pending_acks = self.pending_acks, []
-        failed = []
-        for index, actor, acks in pending:
-            try:
-                ray.get(acks)
-            except ray.exceptions.RayActorError as e:
-                # the actor that sent it: a late failure of a worker already replaced must not
-                # take down its replacement
-                if self.workers[index] is actor:
-                    self.replace_worker(index, e)
-            except ray.exceptions.RayTaskError as e:
-                print(f"worker {index} did not receive the weights: {e}", flush=True)
-                self.faults["weight_sync_failures"] += 1
-                self.weight_group_ready = False
-                failed.append(index)
-        return failed
-
     # -- generation -------------------------------------------------------------------------------
 
     def _next_group(self) -> Group:
@@ -320,38 +198,15 @@ class Orchestrator:
         return group
 
     def _submit(self, worker: int, groups: list[Group]):
-        return self.workers[worker].run_groups.remote([self._job(g) for g in groups])
+        return self.pool.submit(worker, [self._job(g) for g in groups])
 
     def _job(self, group: Group) -> Job:
         return Job(group.task, self.cfg.group_size, group.group_id, group.seed)
 
-    def run_jobs(self, jobs: list[Job], overrides: dict | None = None) -> list[list[dict]]:
-        """Run episode groups spread over the workers, in job order; a worker that dies is
-        replaced and its share run again (same seeds, same weights: the same trajectories)."""
-        n = len(self.workers)
-        shares = {i: jobs[i::n] for i in range(n) if jobs[i::n]}
-        refs = {
-            i: self.workers[i].run_groups.remote(share, overrides) for i, share in shares.items()
-        }
-        results: dict[int, list] = {}
-        while refs:
-            i, ref = next(iter(refs.items()))
-            try:
-                results[i] = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                self.replace_worker(i, e)
-                refs[i] = self.workers[i].run_groups.remote(shares[i], overrides)
-                continue
-            del refs[i]
-        out: list = [None] * len(jobs)
-        for i, result in results.items():
-            out[i::n] = result
-        return out
-
     def generate_sync(self, n: int) -> list[Group]:
         """n groups with the current policy, spread over the workers."""
         groups = [self._next_group() for _ in range(n)]
-        for group, trajs in zip(groups, self.run_jobs([self._job(g) for g in groups])):
+        for group, trajs in zip(groups, self.pool.run_jobs([self._job(g) for g in groups])):
             group.trajectories = [Trajectory.from_dict(t) for t in trajs]
         return groups
 
@@ -378,7 +233,7 @@ class Orchestrator:
             else:
                 self._run_async(bar)
             bar.close()
-            self._collect_acks()  # evaluate the final policy, not the one before it
+            self.weights.collect_acks()  # evaluate the final policy, not the one before it
             train_s = time.monotonic() - t_start
             if cfg.checkpoint.export_hf:
                 ray.get([a.export_hf.remote(str(self.dir / "hf")) for a in self.learners])
@@ -392,7 +247,7 @@ class Orchestrator:
     def save_checkpoint(self) -> None:
         """Weights, optimizer, RNG and everything the driver needs to continue exactly: the
         task cursor, the buffer and the groups in flight (generated again on resume)."""
-        self._collect_acks()
+        self.weights.collect_acks()
         extra = {
             "step": self.step,
             "version": self.version,
@@ -546,7 +401,7 @@ class Orchestrator:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as e:  # generate it again on a new worker
                     if self.workers[item.worker] is item.handle:
-                        self.replace_worker(item.worker, e)
+                        self.pool.replace(item.worker, e)
                     inflight[self._submit(item.worker, [item.group])] = InFlight(
                         item.worker, item.group, self.workers[item.worker]
                     )
@@ -591,7 +446,7 @@ class Orchestrator:
                 Job(t, ev.samples, f"eval-{tag}-{i}", derive_seed(cfg.seed, "eval", i))
                 for i, t in enumerate(tasks)
             ]
-            groups = self.run_jobs(jobs, overrides)
+            groups = self.pool.run_jobs(jobs, overrides)
             trajs += [t for g in groups for t in g]
             results[env] = pass_at_k(groups, ev.samples)
             points = self.evals.setdefault(env, {"env": env, "points": []})["points"]
@@ -715,6 +570,12 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "rollout/response_tokens_mean": sum(t.num_sampled_tokens for t in trajs)
         / max(1, len(trajs)),
     }
+    # where the episodes' seconds went (means over episodes): waiting for an engine call behind
+    # other requests (head-of-line), generating, in the environment (tools, sandboxes, scoring)
+    for key in ("queue_s", "generate_s", "env_s"):
+        values = [t.metrics[key] for t in trajs if key in t.metrics]
+        if values:
+            out[f"time/episode_{key}"] = sum(values) / len(values)
     if scored:
         out["reward/mean"] = sum(t.reward for t in scored) / len(scored)
     for env in sorted({t.env for t in scored}):

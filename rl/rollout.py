@@ -97,11 +97,17 @@ class Batcher:
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def generate(self, key: tuple, ids: list[int], params: SamplingParams) -> Completion:
+    async def generate(
+        self, key: tuple, ids: list[int], params: SamplingParams
+    ) -> tuple[Completion, float]:
+        """The completion, and the seconds the request waited before its engine call began
+        (behind other requests, or for the batch to fill)."""
         fut = asyncio.get_running_loop().create_future()
+        submitted = time.monotonic()
         self.pending.append((key, ids, params, fut))
         self.wake.set()
-        return await fut
+        out, started = await fut  # started: when its engine call began
+        return out, max(0.0, started - submitted)
 
     def episode_started(self) -> None:
         self.live += 1
@@ -122,6 +128,7 @@ class Batcher:
             self.pending.sort(key=lambda r: r[0])
             batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
             prompts, params = [r[1] for r in batch], [r[2] for r in batch]
+            started = time.monotonic()
             try:
                 outs = await loop.run_in_executor(
                     self.executor, self.engine.generate, prompts, params
@@ -134,7 +141,7 @@ class Batcher:
                 for r, out in zip(batch, outs):
                     self.generated_tokens += len(out.token_ids)
                     if not r[3].done():
-                        r[3].set_result(out)
+                        r[3].set_result((out, started))
             if self.pending:
                 self.wake.set()
 
@@ -219,6 +226,9 @@ class RolloutWorker:
         versions: list[int] = []
         prompt_len, turns, status, reward, metrics = 0, 0, "ok", None, {}
         started = time.monotonic()
+        # where the episode's seconds went: waiting for an engine call (behind other requests),
+        # generating, and in the environment (reset, steps: tools, sandboxes, scoring)
+        timing = {"queue_s": 0.0, "generate_s": 0.0, "env_s": 0.0}
 
         def append(ids: list[int], sampled: Completion | None = None) -> None:
             tokens.extend(ids)
@@ -234,7 +244,10 @@ class RolloutWorker:
         batcher = self.batcher
         try:
             async with asyncio.timeout(cfg.episode_timeout_s):
-                append(chat.encode_messages(await env.reset(task)))
+                t = time.monotonic()
+                first = await env.reset(task)
+                timing["env_s"] += time.monotonic() - t
+                append(chat.encode_messages(first))
                 prompt_len = len(tokens)
                 while True:
                     room = cfg.max_context - len(tokens)
@@ -250,11 +263,18 @@ class RolloutWorker:
                         stop_token_ids=tuple(chat.stop_token_ids),
                         seed=derive_seed(seed, turns),
                     )
-                    out = await batcher.generate((group_id, index, turns), list(tokens), params)
+                    t = time.monotonic()
+                    out, queued = await batcher.generate(
+                        (group_id, index, turns), list(tokens), params
+                    )
+                    timing["queue_s"] += queued
+                    timing["generate_s"] += time.monotonic() - t - queued
                     append(out.token_ids, out)
                     turns += 1
                     env.observe_tokens(len(tokens))  # exact, for envs with a token budget
+                    t = time.monotonic()
                     result = await env.step(chat.response_text(out.token_ids))
+                    timing["env_s"] += time.monotonic() - t
                     metrics.update(result.info)
                     if result.done:
                         status, reward = result.status, result.reward
@@ -286,6 +306,7 @@ class RolloutWorker:
         if not prompt_len:  # reset failed: keep the contract (a prompt of one token)
             tokens, mask, logprobs, versions, prompt_len = [0], [0], [0.0], [-1], 1
         metrics.update(turns=turns, seconds=round(time.monotonic() - started, 3))
+        metrics.update({k: round(v, 4) for k, v in timing.items()})
         return Trajectory(
             task_id=task.id,
             env=task.env,

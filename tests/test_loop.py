@@ -158,10 +158,11 @@ def test_resume_continues_exactly(ray_local, tmp_path):
     # every trained trajectory, step by step: the resumed run's equal the straight run's
     assert lines_of_part == 2
 
-    def untimed(path):  # an episode's metrics carry its wall-clock seconds
+    def untimed(path):  # an episode's metrics carry its wall-clock seconds, and their split
         rows = [json.loads(x) for x in lines(*path)]
         for t in (t for r in rows for g in r["groups"] for t in g["trajectories"]):
-            assert t["metrics"].pop("seconds") >= 0
+            for key in ("seconds", "queue_s", "generate_s", "env_s"):
+                assert t["metrics"].pop(key) >= 0
         return rows
 
     saved = untimed(("part", "trajectories.jsonl"))

@@ -137,3 +137,32 @@ def test_an_episode_cut_at_its_limits_gets_the_env_s_truncation_reward():
         first_turn = sampled.index(0) if 0 in sampled else len(sampled)
         assert len(seen) == turns and seen[0] == t.prompt_len + first_turn
         assert seen == sorted(seen) and seen[-1] <= len(t.tokens)
+
+
+def test_an_episode_reports_where_its_seconds_went():
+    """queue_s: waiting behind other requests for an engine call (max_batch 1: the third of
+    three episodes waits for two calls); generate_s: in the engine; env_s: in reset and step."""
+    import time
+
+    from envs.math import MathEnv
+
+    class SlowEnv(MathEnv):
+        async def step(self, assistant_text):
+            await asyncio.sleep(0.05)
+            return await super().step(assistant_text)
+
+    w = worker(max_batch=1)
+    w.env_classes["math"] = SlowEnv
+    engine_generate = w.engine.generate
+
+    def slow_generate(prompts, params):
+        time.sleep(0.1)
+        return engine_generate(prompts, params)
+
+    w.engine.generate = slow_generate
+    (group,) = run(w, [Job(tasks(w)[0], 3, "g", seed=1)])
+    m = [t.metrics for t in group]
+    assert all(x["generate_s"] >= 0.1 and x["env_s"] >= 0.05 for x in m)
+    queued = sorted(x["queue_s"] for x in m)
+    assert queued[0] < 0.05 and queued[2] >= 0.2  # behind two calls of 0.1 s
+    assert all(x["seconds"] >= x["queue_s"] + x["generate_s"] + x["env_s"] - 1e-3 for x in m)
