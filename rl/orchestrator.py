@@ -110,10 +110,9 @@ class Orchestrator:
         self.inflight: dict = {}  # ObjectRef -> InFlight (async mode)
         self.inflight_at_checkpoint: list[Group] = []  # resumed: generated again, same seeds
         self.faults = {"worker_restarts": 0, "weight_sync_failures": 0}
-        self.pool = WorkerPool(cfg, self.faults)  # rl/workers.py
-        self.weights = WeightSync(
-            cfg, self.pool, self.faults, self.learner_get
-        )  # rl/weight_sync.py
+        # the rollout workers (rl/workers.py) and the learner -> workers updates (weight_sync.py)
+        self.pool = WorkerPool(cfg, self.faults)
+        self.weights = WeightSync(cfg, self.pool, self.faults, self.learner_get)
         self.checkpoint_s: float | None = None  # seconds the last save took (next row logs it)
         self.health = CircuitBreaker(cfg.failures)  # infrastructure failure stops the run
 
