@@ -46,7 +46,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from envs.base import ConfigError
 from rl.config import RunConfig, load_config
-from rl.runlog import plot_lines
+from rl.runlog import plot_lines, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = (
@@ -385,14 +385,7 @@ def validate_runs(spec: SweepSpec, runs: list[SweepRun]) -> dict[str, RunConfig]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
-            rows.append(json.loads(line))
-    return rows
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def read_eval(run_dir: Path) -> dict | None:

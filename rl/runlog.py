@@ -4,6 +4,7 @@ reward_curve.png and eval.json / eval.md."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -98,10 +99,7 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict]:
-        path = self.dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.dir / "metrics.jsonl")
 
     def truncate_after(self, step: int) -> None:
         """Drop metric rows past `step` (a resumed run rewrites them)."""
@@ -153,6 +151,19 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] if it does not exist); a line cut by a killed process
+    is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def plot_lines(
