@@ -165,9 +165,6 @@ class Orchestrator:
         """The learner's weights (policy `version`) to every worker: rl/weight_sync.py."""
         return self.weights.sync(version, wait)
 
-    def _check_workers(self) -> int:
-        return self.pool.check()
-
     def learner_get(self, refs, what: str):
         """ray.get on learner work; a failure becomes LearnerFailure naming what failed."""
         try:

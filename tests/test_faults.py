@@ -185,13 +185,13 @@ def test_collective_weight_sync_survives_a_worker_dead_at_the_broadcast(ray_loca
         victim = orch.workers[1]
         ray_local.kill(victim, no_restart=True)
         wait_for(lambda: not is_alive(ray_local, victim), timeout=30)
-        check, calls = orch._check_workers, []
+        check, calls = orch.pool.check, []
 
         def blind_first_check() -> int:  # the worker dies "after" the first liveness check
             calls.append(1)
             return 0 if len(calls) == 1 else check()
 
-        orch._check_workers = blind_first_check
+        orch.pool.check = blind_first_check  # what the weight sync asks (rl/workers.py)
         t0 = time.monotonic()
         orch.sync_weights(2)
         elapsed = time.monotonic() - t0
