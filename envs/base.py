@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Literal, NotRequired, TypedDict, Union
 TASK_SPLITS = ("train", "test")
 # how an episode ended (StepResult.status, rl.types.Trajectory.status): the one list
 STATUSES = ("ok", "truncated", "env_error", "timeout")
-STEP_STATUSES = STATUSES
 
 
 class Message(TypedDict):
@@ -62,10 +61,8 @@ class StepResult:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.status not in STEP_STATUSES:
-            raise ValueError(
-                f"StepResult.status must be one of {STEP_STATUSES}, got {self.status!r}"
-            )
+        if self.status not in STATUSES:
+            raise ValueError(f"StepResult.status must be one of {STATUSES}, got {self.status!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -252,9 +252,6 @@ def generate_problem(rng: random.Random, level: int) -> Problem:
     raise ValueError(f"difficulty level must be one of {LEVELS}, got {level}")
 
 
-split_of = hash_split  # the name this module's callers and tests know
-
-
 def generate_tasks(
     split: str,
     n: int | None,
@@ -277,7 +274,7 @@ def generate_tasks(
         level = levels[len(tasks) % len(levels)]
         problem = generate_problem(rng, level)
         key = f"L{level}/{problem.key}"
-        if key in seen or split_of(key, test_fraction) != split:
+        if key in seen or hash_split(key, test_fraction) != split:
             misses += 1
             continue
         misses = 0
@@ -328,7 +325,7 @@ def _file_tasks(config: MathConfig, env: str) -> dict[str, list[Task]]:
     else:
         by_split = {"train": [], "test": []}
         for example in load(config.path):
-            by_split[split_of(example.problem, config.test_fraction)].append(example)
+            by_split[hash_split(example.problem, config.test_fraction)].append(example)
     test_problems = {e.problem for e in by_split["test"]}
     tasks: dict[str, list[Task]] = {}
     for split, examples in by_split.items():

@@ -87,7 +87,7 @@ class RunConfig:
     max_logprob_diff: float | None = None
 
 
-# -- value rules: one per leaf key of RunConfig (tests/test_config.py checks none is missing) -------
+# -- value rules: one per leaf key of RunConfig (tests/test_configs.py checks none is missing) -------
 
 Rule = Callable[[Any], "str | None"]  # value -> what is wrong with it, or None
 

@@ -65,6 +65,10 @@ class LearnerFailure(RuntimeError):
     """A learner rank failed; the run stops with its last checkpoint intact."""
 
 
+class NothingToTrain(RuntimeError):
+    """A step's batch holds no sampled token: the run cannot learn (prompts fill the context)."""
+
+
 class SamplerMismatch(RuntimeError):
     """Sync mode: the sampler's log-probs of the trained tokens are not the learner's."""
 
@@ -343,13 +347,31 @@ class Orchestrator:
             metrics = self._trained(self._train(taken))
             metrics["time/rollout_s"] = t_learn - t0
             metrics["time/learner_s"] = time.monotonic() - t_learn
-            self.step += 1
-            sync_s = 0.0
-            if not metrics.get("train/skipped"):  # a skipped step changes no weight
-                self.version += 1
-                self.check_sampler_agreement(metrics)
-                sync_s = self.sync_weights(self.version)
+            sync_s = self._advance(metrics)
             self._log_step(metrics, bar, t0, sync_s, taken)
+
+    def _advance(self, metrics: dict) -> float:
+        """After a learner step: the run's step moves on; the policy version, and the workers'
+        weights with it, only when the step changed the weights (a skipped step changes none).
+        Returns the seconds the loop waited for the weight sync (async mode: the learner's part).
+        A step with no sampled token at all stops the run: nothing could ever be learned."""
+        self.step += 1
+        if metrics.get("batch/no_sampled_tokens"):
+            message = (
+                f"step {self.step}: none of the {metrics['batch/trajectories']} trajectories "
+                f"trained on holds a sampled token: every prompt filled "
+                f"rollout.max_context={self.cfg.rollout.max_context} before the first turn (or "
+                f"the engine returned nothing); raise max_context or shorten the prompts"
+            )
+            self.log.metrics(self.step, {**metrics, "health/error": message})
+            raise NothingToTrain(message)
+        if metrics.get("train/skipped"):
+            return 0.0
+        self.version += 1
+        sync = self.cfg.mode == "sync"
+        if sync:  # exactly on-policy: sampler and learner must agree
+            self.check_sampler_agreement(metrics)
+        return self.sync_weights(self.version, wait=sync)
 
     def check_sampler_agreement(self, metrics: dict) -> None:
         """Sync mode: stop the run (the step's metrics logged first) when the sampler and the
@@ -384,11 +406,7 @@ class Orchestrator:
             ref = ready[0]
             if training and ref == training.refs[0]:
                 metrics = self._trained(training)
-                self.step += 1
-                sync_s = 0.0
-                if not metrics.get("train/skipped"):  # a skipped step changes no weight
-                    self.version += 1
-                    sync_s = self.sync_weights(self.version, wait=False)
+                sync_s = self._advance(metrics)
                 self._log_step(metrics, bar, t_step, sync_s, training.groups)
                 t_step, training = time.monotonic(), None
             else:

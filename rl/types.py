@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from envs.base import STATUSES  # noqa: E402 - the one list of how an episode ended
+from envs.base import STATUSES  # the one list of how an episode ended (re-exported)
 
 # reward unavailable: the trajectory is left out of the loss and counted, never scored as 0
 EXCLUDED_STATUSES = ("env_error", "timeout")
@@ -171,17 +171,13 @@ class TrainBatch:
 
     def validate(self) -> TrainBatch:
         """Check per-token lists line up with the trajectories; raise ValueError naming them."""
-        n = len(self.trajectories)
-        for name in ("advantages",):
-            rows = getattr(self, name)
-            if rows is None:
-                continue
-            if len(rows) != n:
-                raise ValueError(f"{name} has {len(rows)} rows but there are {n} trajectories")
-            for i, (row, traj) in enumerate(zip(rows, self.trajectories)):
-                if len(row) != len(traj.tokens):
-                    raise ValueError(
-                        f"{name}[{i}] has {len(row)} entries but trajectory {i} has "
-                        f"{len(traj.tokens)} tokens"
-                    )
+        n, rows = len(self.trajectories), self.advantages
+        if len(rows) != n:
+            raise ValueError(f"advantages has {len(rows)} rows but there are {n} trajectories")
+        for i, (row, traj) in enumerate(zip(rows, self.trajectories)):
+            if len(row) != len(traj.tokens):
+                raise ValueError(
+                    f"advantages[{i}] has {len(row)} entries but trajectory {i} has "
+                    f"{len(traj.tokens)} tokens"
+                )
         return self

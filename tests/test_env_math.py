@@ -9,13 +9,12 @@ import re
 import pytest
 
 from envs import registry
-from envs.base import ConfigError, Task
+from envs.base import ConfigError, Task, hash_split
 from envs.math import (
     RETRY_FEEDBACK,
     THINK_SYSTEM_PROMPT,
     MathEnv,
     generate_tasks,
-    split_of,
 )
 
 ARITHMETIC_RE = re.compile(r"^What is (\(?\d+(?: [-+*/] \d+\)?)+(?: [-+*/] \d+)*)\?$")
@@ -139,11 +138,11 @@ def test_train_and_test_are_disjoint_by_construction():
         assert all(t.split == "test" for t in test)
 
 
-def test_split_of_is_a_fixed_fraction():
+def test_hash_split_is_a_fixed_fraction():
     keys = [f"k{i}" for i in range(20000)]
-    held_out = sum(split_of(k) == "test" for k in keys) / len(keys)
+    held_out = sum(hash_split(k) == "test" for k in keys) / len(keys)
     assert 0.09 < held_out < 0.11
-    assert sum(split_of(k, 0.3) == "test" for k in keys) / len(keys) == pytest.approx(
+    assert sum(hash_split(k, 0.3) == "test" for k in keys) / len(keys) == pytest.approx(
         0.3, abs=0.015
     )
 

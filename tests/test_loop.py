@@ -83,6 +83,17 @@ def test_a_skipped_step_changes_no_weight_and_no_version(ray_local, tmp_path):
     assert ckpts == ["step_00000001", "step_00000002"]
 
 
+def test_a_step_with_no_sampled_token_stops_the_run_naming_the_cause(ray_local, tmp_path):
+    """Prompts longer than rollout.max_context: every episode ends before its first turn, so no
+    step could ever learn; the first such step stops the run (its row logged with the cause)."""
+    from rl.orchestrator import NothingToTrain
+
+    with pytest.raises(NothingToTrain, match="rollout.max_context=8"):
+        run(tmp_path, "full", "rollout.max_context=8", "rollout.max_new_tokens=4")
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert "max_context" in rows[-1]["health/error"] and rows[-1]["batch/no_sampled_tokens"] == 1
+
+
 def test_collective_weight_sync_trains_exactly_like_the_object_store(ray_local, tmp_path):
     """weight_sync.method=collective (learner rank 0 broadcasts over a gloo group to two workers,
     in small buckets) gives the same run as the object store: every update arrived bit for bit."""
