@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from envs.sandbox import SandboxLimits  # noqa: E402
-from envs.sandbox.forkserver import ForkServer, forkserver_unavailable_reason  # noqa: E402
-from envs.sandbox.local import LocalSandbox  # noqa: E402
+from sandbox import SandboxLimits  # noqa: E402
+from sandbox.forkserver import ForkServer, forkserver_unavailable_reason  # noqa: E402
+from sandbox.local import LocalSandbox  # noqa: E402
 
 # Small test programs of the kind competitive-programming tests run: (program, input -> output).
 PROGRAMS = {

@@ -126,7 +126,7 @@ def main() -> None:
     for name in args.backends.split(","):
         config = {**base, **BACKENDS[name]}
         if config["backend"] == "docker":
-            from envs.sandbox.docker import docker_unavailable_reason
+            from sandbox.docker import docker_unavailable_reason
 
             reason = docker_unavailable_reason()
             if reason is not None:

@@ -28,12 +28,11 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from envs.sandbox.base import ExecResult, SandboxError
 from rewards.harness import judge_program
+from sandbox import BACKENDS, ExecResult, SandboxError, SandboxLimits, make_sandbox
 
 AC, WA, TLE, MLE, RE, SKIP = "AC", "WA", "TLE", "MLE", "RE", "SKIP"
 VERDICTS = (AC, WA, TLE, MLE, RE, SKIP)
-BACKENDS = ("forkserver", "local", "docker")
 EXCERPT_CHARS = 300
 MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc")
 
@@ -218,7 +217,7 @@ class JudgeError(RuntimeError):
 def resolve_backend(backend: str | None, allow_unisolated: bool = False) -> str:
     """None -> "forkserver" where it can run here, else "local"."""
     if backend is None:
-        from envs.sandbox.forkserver import forkserver_unavailable_reason
+        from sandbox.forkserver import forkserver_unavailable_reason
 
         reason = forkserver_unavailable_reason(allow_unisolated)
         return "forkserver" if reason is None else "local"
@@ -227,12 +226,11 @@ def resolve_backend(backend: str | None, allow_unisolated: bool = False) -> str:
     return backend
 
 
-class _SandboxRunner:
-    """Runs each case as `python3 main.py` in one sandbox (local or docker) per program."""
+class _Runner:
+    """Runs each case as `python3 main.py` in one sandbox per program (any backend of
+    `sandbox.make_sandbox`; the fork server's is a view of the process's shared warm server)."""
 
     def __init__(self, backend: str, memory_mb: int, allow_unisolated: bool) -> None:
-        from envs.sandbox import SandboxLimits, make_sandbox
-
         limits = SandboxLimits(memory_mb=memory_mb)
         self.sandbox = make_sandbox(backend, limits=limits, allow_unisolated=allow_unisolated)
 
@@ -244,21 +242,6 @@ class _SandboxRunner:
 
     def close(self) -> None:
         self.sandbox.close()
-
-
-class _ForkServerRunner:
-    def __init__(self, memory_mb: int, allow_unisolated: bool) -> None:
-        from envs.sandbox.forkserver import shared_forkserver
-
-        self.server = shared_forkserver(allow_unisolated)
-        self.memory_mb = memory_mb
-
-    def run(self, program: str, stdin: str, timeout: float, judge: bool = False) -> ExecResult:
-        # the server runs isolated (-I); the judge drops the run dir from sys.path itself
-        return self.server.run(program, stdin, timeout, memory_mb=self.memory_mb)
-
-    def close(self) -> None:
-        pass  # the shared server stays warm for the next program
 
 
 def run_tests(
@@ -275,7 +258,7 @@ def run_tests(
 
     time_limit_s is the wall-clock limit of each case (CPU seconds are capped at the same
     value, rounded up); memory_mb the address-space limit of each process. allow_unisolated
-    lets the local sandbox run where bubblewrap or cgroups are missing (see envs/sandbox/local.py);
+    lets the local sandbox run where bubblewrap or cgroups are missing (see sandbox/local.py);
     without it such a host gives an infrastructure error naming what is missing.
     """
     if not isinstance(program, str):
@@ -290,11 +273,7 @@ def run_tests(
     infrastructure_error = None
     runner = None
     try:
-        runner = (
-            _ForkServerRunner(memory_mb, allow_unisolated)
-            if backend == "forkserver"
-            else _SandboxRunner(backend, memory_mb, allow_unisolated)
-        )
+        runner = _Runner(backend, memory_mb, allow_unisolated)
         for case in cases:
             if early_stop and details and details[-1].verdict != AC:
                 details.append(TestCaseResult(verdict=SKIP, message="not run (early stop)"))

@@ -119,11 +119,11 @@ def private_podman(tmp_path):
     """A Podman API service of this test's own, on its own socket (the shared one is untouched),
     with host_setup.sh's containers.conf and the shared image store. Yields (url, stop)."""
     podman = shutil.which("podman")
-    require("docker", podman is not None, "podman is not installed (envs/sandbox/host_setup.sh)")
+    require("docker", podman is not None, "podman is not installed (sandbox/host_setup.sh)")
     require("docker", PODMAN_CONF.exists(), f"{PODMAN_CONF} missing: run host_setup.sh as root")
     require("docker", os.geteuid() == 0, "the Podman service of the docker backend runs as root")
-    from envs.sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
-    from envs.sandbox.images import HOST_IMAGE, ensure_image
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+    from sandbox.images import HOST_IMAGE, ensure_image
 
     shared = docker_unavailable_reason()
     require("docker", shared is None, shared or "")

@@ -13,8 +13,8 @@ from conftest import require
 from envs.base import ConfigError, Task
 from envs.code import CodeEnv, extract_program
 from envs.data import DataError
-from envs.sandbox.cgroups import kill_pids_in
-from envs.sandbox.forkserver import forkserver_unavailable_reason, shared_forkserver
+from sandbox.cgroups import kill_pids_in
+from sandbox.forkserver import forkserver_unavailable_reason, shared_forkserver
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import require
 
-from envs.sandbox.forkserver import forkserver_unavailable_reason
 from rewards.tests import AC, run_tests
+from sandbox.forkserver import forkserver_unavailable_reason
 
 pytestmark = pytest.mark.timeout(300)
 

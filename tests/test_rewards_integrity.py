@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 from conftest import require, required_capabilities
 
-from envs.sandbox.forkserver import forkserver_unavailable_reason
 from rewards.harness import Malformed, NotPlainData, decode, encode
 from rewards.tests import AC, MLE, RE, TLE, WA, run_tests
+from sandbox.forkserver import forkserver_unavailable_reason
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -181,8 +181,8 @@ def available_backends() -> list[str]:
     if forkserver_unavailable_reason() is None:
         backends += ["forkserver", "local"]
     try:
-        from envs.sandbox.docker import connect
-        from envs.sandbox.images import HOST_IMAGE
+        from sandbox.docker import connect
+        from sandbox.images import HOST_IMAGE
 
         connect().images.get(HOST_IMAGE)
         backends.append("docker")

@@ -7,8 +7,6 @@ import threading
 import pytest
 from conftest import require
 
-from envs.sandbox.cgroups import kill_pids_in
-from envs.sandbox.forkserver import forkserver_unavailable_reason, shared_forkserver
 from rewards.tests import (
     AC,
     MLE,
@@ -22,6 +20,8 @@ from rewards.tests import (
     run_tests,
     validate_tests,
 )
+from sandbox.cgroups import kill_pids_in
+from sandbox.forkserver import forkserver_unavailable_reason, shared_forkserver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,8 +167,8 @@ def test_reward_modes() -> None:
 def docker_unavailable_reason() -> str | None:
     """None where the docker backend can run here (an API socket and its base image)."""
     try:
-        from envs.sandbox.docker import connect
-        from envs.sandbox.images import HOST_IMAGE
+        from sandbox.docker import connect
+        from sandbox.images import HOST_IMAGE
 
         connect().images.get(HOST_IMAGE)
     except Exception as e:

@@ -1,4 +1,4 @@
-"""The docker sandbox against a real Docker API (Podman's, set up by envs/sandbox/host_setup.sh).
+"""The docker sandbox against a real Docker API (Podman's, set up by sandbox/host_setup.sh).
 
 Every hostile program must end with a verdict well within the test's own timeout, leave nothing
 running, leave the host untouched, and leave the sandbox usable for the next program. The fork
@@ -18,8 +18,8 @@ import pytest
 from conftest import host_processes_with, require
 from docker.types import Mount
 
-from envs.sandbox import SandboxError, SandboxLimits, make_sandbox
-from envs.sandbox.docker import (
+from sandbox import SandboxError, SandboxLimits, make_sandbox
+from sandbox.docker import (
     EXPIRES_LABEL,
     SANDBOX_LABEL,
     DockerSandbox,
@@ -27,7 +27,7 @@ from envs.sandbox.docker import (
     reap_stale,
     shared_client,
 )
-from envs.sandbox.images import HOST_IMAGE, ensure_image
+from sandbox.images import HOST_IMAGE, ensure_image
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,7 +37,7 @@ SMALL = SandboxLimits(memory_mb=128, max_processes=20, max_output_bytes=MiB)
 
 @pytest.fixture(scope="module")
 def docker_url() -> str:
-    from envs.sandbox.docker import resolve_docker_host
+    from sandbox.docker import resolve_docker_host
 
     reason = docker_unavailable_reason()
     require("docker", reason is None, reason or "")

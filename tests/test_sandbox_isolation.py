@@ -37,18 +37,18 @@ from pathlib import Path
 import pytest
 from conftest import host_processes_with, require
 
-from envs.sandbox import (
+from sandbox import (
     IsolationError,
     SandboxError,
     SandboxLimits,
     cgroups,
+    contain,
     forkserver,
-    local,
     make_sandbox,
 )
-from envs.sandbox.cgroups import CgroupSet, CgroupUnavailable
-from envs.sandbox.forkserver import ForkServer, forkserver_unavailable_reason, shared_forkserver
-from envs.sandbox.local import LocalSandbox, bwrap_argv, bwrap_path
+from sandbox.cgroups import CgroupSet, CgroupUnavailable
+from sandbox.forkserver import ForkServer, forkserver_unavailable_reason, shared_forkserver
+from sandbox.local import LocalSandbox, bwrap_argv, bwrap_path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,7 +69,7 @@ def require_root() -> None:
 @pytest.fixture
 def fresh_warnings(monkeypatch) -> None:
     """Forget which warnings were logged, so each test sees its first one."""
-    monkeypatch.setattr(local, "_warned", set())
+    monkeypatch.setattr(contain, "_warned", set())
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_missing_bubblewrap_allowed_runs_and_warns_once(no_bwrap, fresh_warnings
     secret = Path(f"/tmp/cwm-visible-{secrets.token_hex(6)}")
     secret.write_text("on the host")
     secret.chmod(0o644)
-    caplog.set_level(logging.WARNING, logger="envs.sandbox.local")
+    caplog.set_level(logging.WARNING, logger="sandbox.contain")
     try:
         with LocalSandbox(allow_unisolated=True) as sandbox:
             assert sandbox.isolation_gaps == ("bubblewrap",) and not sandbox.use_bwrap
@@ -159,7 +159,7 @@ def test_missing_cgroups_are_refused_and_named(no_cgroups, monkeypatch) -> None:
 
 def test_missing_cgroups_allowed_still_isolates_files(no_cgroups, fresh_warnings, caplog) -> None:
     require_bwrap()
-    caplog.set_level(logging.WARNING, logger="envs.sandbox.local")
+    caplog.set_level(logging.WARNING, logger="sandbox.contain")
     secret = Path(f"/tmp/cwm-secret-{secrets.token_hex(6)}")
     secret.write_text("hidden")
     secret.chmod(0o644)
@@ -190,20 +190,20 @@ def test_root_unable_to_drop_uid_is_refused(monkeypatch, fresh_warnings) -> None
     with LocalSandbox(run_as=0, allow_unisolated=True) as sandbox:  # runs with what is there
         assert sandbox.exec("id -u", timeout=10).stdout == b"0\n"
 
-    no_setuid = (1 << 41) - 1 & ~(1 << local.CAP_SETUID)
-    monkeypatch.setattr(local, "_effective_caps", lambda: no_setuid)
+    no_setuid = (1 << 41) - 1 & ~(1 << contain.CAP_SETUID)
+    monkeypatch.setattr(contain, "_effective_caps", lambda: no_setuid)
     with pytest.raises(IsolationError, match="lacks CAP_SETUID/CAP_SETGID") as raised:
         LocalSandbox()
     assert raised.value.layers == ("uid",) and "--cap-add SETUID" in str(raised.value)
     assert "CAP_SETUID" in forkserver_unavailable_reason()
     monkeypatch.undo()
 
-    monkeypatch.setattr(local, "_id_mapped", lambda number, map_file: False)
+    monkeypatch.setattr(contain, "_id_mapped", lambda number, map_file: False)
     with pytest.raises(IsolationError, match="not mapped in this user namespace"):
         LocalSandbox()
     monkeypatch.undo()
 
-    monkeypatch.setattr(local, "setpriv_path", lambda: None)
+    monkeypatch.setattr(contain, "setpriv_path", lambda: None)
     with pytest.raises(IsolationError, match="apt-get install util-linux"):
         LocalSandbox()
 
@@ -218,9 +218,9 @@ def test_every_missing_layer_is_named_at_once(no_bwrap, no_cgroups) -> None:
 NOT_ROOT_PROBE = r"""
 import io, json, logging, os, sys
 sys.path.insert(0, os.getcwd())
-from envs.sandbox.base import IsolationError, SandboxError
-from envs.sandbox.forkserver import forkserver_unavailable_reason
-from envs.sandbox.local import LocalSandbox
+from sandbox.base import IsolationError, SandboxError
+from sandbox.forkserver import forkserver_unavailable_reason
+from sandbox.local import LocalSandbox
 report = {"uid": os.geteuid(), "forkserver": forkserver_unavailable_reason()}
 try:
     LocalSandbox().close()
@@ -246,12 +246,12 @@ def test_not_root_is_refused_with_a_hint_and_bwrap_still_isolates() -> None:
     still hides the host's files once allow_unisolated accepts the missing cgroups."""
     require_root()
     require_bwrap()
-    setpriv = local.setpriv_path()
+    setpriv = contain.setpriv_path()
     require("bwrap", setpriv is not None, "setpriv is not installed (apt-get install util-linux)")
     secret = Path(f"/tmp/cwm-secret-{secrets.token_hex(6)}")
     secret.write_text("hidden")
     secret.chmod(0o644)
-    uid, gid = local.nobody_ids()
+    uid, gid = contain.nobody_ids()
     # An interpreter `nobody` can read in full (this one may live under /root): the sandbox
     # modules are stdlib-only, so the system's Python imports them.
     python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
@@ -283,6 +283,28 @@ def test_not_root_is_refused_with_a_hint_and_bwrap_still_isolates() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def test_forkserver_backend_runs_python_programs_only() -> None:
+    """make_sandbox("forkserver") is the shared warm server behind the Sandbox interface: a
+    written Python file runs (stdin in, stdout out, limits applied); a shell command, a missing
+    file or a path out of the work dir is refused, not run some other way."""
+    reason = forkserver_unavailable_reason()
+    require("bwrap", reason is None, reason or "")
+    with make_sandbox("forkserver", limits=SandboxLimits(memory_mb=128)) as box:
+        box.write_file("main.py", "import sys\nprint(sys.stdin.read()[::-1])")
+        result = box.exec(["python3", "-I", "main.py"], timeout=10, stdin="abc")
+        assert (result.exit_code, result.stdout) == (0, b"cba\n")
+        box.write_file("hog.py", "x = bytearray(512 * 1024 * 1024)")
+        assert box.exec(["python3", "hog.py"], timeout=10).exit_code != 0  # 128 MB limit
+        for cmd in ("ls -la", ["bash", "-c", "id"], ["python3", "-c", "print(1)"]):
+            with pytest.raises(SandboxError, match="Python programs only"):
+                box.exec(cmd, timeout=5)
+        with pytest.raises(FileNotFoundError):
+            box.exec(["python3", "absent.py"], timeout=5)
+        with pytest.raises(ValueError, match="escapes"):
+            box.write_file("../main.py", "print(1)")
+    assert shared_forkserver().running  # closing the view leaves the shared server warm
+
+
 # Isolated: the host's files outside the work dir are out of reach
 
 
@@ -313,13 +335,9 @@ def test_isolated_program_cannot_read_host_files_outside_its_work_dir(backend: s
             "print(found)\n"
             "print(sorted(n for n in os.listdir('/tmp') if 'cwm' in n))\n"
         )
-        if backend == "forkserver":
-            with ForkServer(SandboxLimits(memory_mb=256)) as server:
-                result = server.run(code, timeout=10)
-        else:
-            with LocalSandbox(SandboxLimits(memory_mb=256)) as sandbox:
-                sandbox.write_file("main.py", code)
-                result = sandbox.exec(["python3", "main.py"], timeout=10)
+        with make_sandbox(backend, limits=SandboxLimits(memory_mb=256)) as sandbox:
+            sandbox.write_file("main.py", code)
+            result = sandbox.exec(["python3", "main.py"], timeout=10)
     finally:
         other.close()
         for path in (tmp_secret, repo_secret):
@@ -510,7 +528,7 @@ def test_v2_local_sandbox_is_made_in_the_v2_layout(fake_v2) -> None:
         assert sandbox.isolation_gaps == ()
         path = Path(sandbox._cgroups.dirs["unified"])
         assert (path / "pids.max").read_text() == "9"
-        assert (path / "memory.max").read_text() == str((100 + local.MEMORY_SLACK_MB) * MiB)
+        assert (path / "memory.max").read_text() == str((100 + contain.MEMORY_SLACK_MB) * MiB)
     assert not path.exists()
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import require
 
-from envs.sandbox import ExecResult, SandboxError, SandboxLimits, make_sandbox
-from envs.sandbox.base import check_relative_path
-from envs.sandbox.cgroups import cgroups_available
-from envs.sandbox.forkserver import ForkServer, forkserver_unavailable_reason
-from envs.sandbox.local import LocalSandbox, bwrap_path
+from sandbox import ExecResult, SandboxError, SandboxLimits, make_sandbox
+from sandbox.base import check_relative_path
+from sandbox.cgroups import cgroups_available
+from sandbox.forkserver import ForkServer, forkserver_unavailable_reason
+from sandbox.local import LocalSandbox, bwrap_path
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,12 +17,12 @@ from conftest import require
 
 from envs import registry
 from envs.base import StepResult, Task
-from envs.sandbox.base import SandboxError
-from envs.sandbox.local import bwrap_path
 from envs.swe import SWEEnv
 from envs.swe.instances import SWEInstance
 from envs.swe.projects import PROJECTS
 from envs.swe.tools import FormatError, parse_edit, parse_tool_call
+from sandbox.base import SandboxError
+from sandbox.local import bwrap_path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -376,9 +376,9 @@ def test_hanging_command_times_out_and_the_episode_ends_in_its_deadline(tasks_di
 
 @pytest.fixture(scope="module")
 def docker_tasks_dir(tasks_dir) -> str:
-    from envs.sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
-    from envs.sandbox.images import HOST_IMAGE, ensure_image
     from envs.swe.build_tasks import build_images
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+    from sandbox.images import HOST_IMAGE, ensure_image
 
     reason = docker_unavailable_reason()
     require("docker", reason is None, reason or "")

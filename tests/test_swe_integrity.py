@@ -17,7 +17,6 @@ import tempfile
 import pytest
 from conftest import require
 
-from envs.sandbox.local import bwrap_path
 from envs.swe import scoring
 from envs.swe.build_tasks import build_images, build_tasks
 from envs.swe.instances import SWEInstance, load_instances
@@ -30,6 +29,7 @@ from envs.swe.scoring import (
     score_patch,
 )
 from envs.swe.workspace import SandboxSpec, find_leaks, open_workspace
+from sandbox.local import bwrap_path
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -577,8 +577,8 @@ def test_leak_check_finds_what_scrubbing_removes(task) -> None:
 
 @pytest.fixture(scope="module")
 def docker_task(task) -> SWEInstance:
-    from envs.sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
-    from envs.sandbox.images import HOST_IMAGE, ensure_image
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+    from sandbox.images import HOST_IMAGE, ensure_image
 
     reason = docker_unavailable_reason()
     require("docker", reason is None, reason or "")

@@ -13,12 +13,12 @@ import time
 import pytest
 from conftest import require
 
-from envs.sandbox.local import bwrap_path
 from envs.swe.build_tasks import build_images, build_tasks
 from envs.swe.instances import load_instances
 from envs.swe.scoring import score_patch
 from envs.swe.workspace import SandboxSpec
 from rewards.patch import similarity
+from sandbox.local import bwrap_path
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,8 +167,8 @@ def test_hanging_tests_fail_within_the_scoring_timeout(instances) -> None:
 
 @pytest.fixture(scope="module")
 def docker_instances(instances):
-    from envs.sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
-    from envs.sandbox.images import HOST_IMAGE, ensure_image
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+    from sandbox.images import HOST_IMAGE, ensure_image
 
     reason = docker_unavailable_reason()
     require("docker", reason is None, reason or "")

@@ -288,7 +288,7 @@ def verify_instance(instance: SWEInstance, timeout_s: float = 60.0) -> list[str]
 
 def image_rootfs(instance: SWEInstance) -> bytes:
     """The host image's root file system plus the repository at /testbed, as one tar."""
-    from envs.sandbox.images import host_rootfs_tar
+    from sandbox.images import host_rootfs_tar
 
     assert instance.repo_dir is not None
     buffer = io.BytesIO()
@@ -314,8 +314,8 @@ def build_images(
 
     import docker
 
-    from envs.sandbox.docker import resolve_docker_host, shared_client
-    from envs.sandbox.images import HOST_MOUNTS_LABEL, IMAGE_ENV, import_rootfs
+    from sandbox.docker import resolve_docker_host, shared_client
+    from sandbox.images import HOST_MOUNTS_LABEL, IMAGE_ENV, import_rootfs
 
     client = client or shared_client(resolve_docker_host())
     built = []

@@ -32,11 +32,11 @@ from typing import Literal
 
 from envs.base import Environment, Message, StepResult, Task, hash_split, require_config
 from envs.data import DataError
-from envs.sandbox.base import SandboxError
 from envs.swe import tools
 from envs.swe.instances import SWEInstance, load_instances
 from envs.swe.scoring import ScoreResult, score_patch
 from envs.swe.workspace import SandboxSpec, Workspace, find_leaks, open_workspace
+from sandbox.base import SandboxError
 
 CHARS_PER_TOKEN = 4
 SCORING_MARGIN_S = 120.0  # docker: the container outlives the episode and scoring by this

@@ -68,11 +68,11 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.sandbox.base import SandboxError
 from envs.swe import runner
 from envs.swe.instances import SWEInstance, patch_paths
 from envs.swe.workspace import SETUP_TIMEOUT_S, STATE_DIR, SandboxSpec, Workspace, open_workspace
 from rewards.patch import similarity
+from sandbox.base import SandboxError
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 RUNNER_SOURCE = Path(runner.__file__).read_text()

@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from envs.sandbox import ExecResult, Sandbox, SandboxLimits, make_sandbox
-from envs.sandbox.base import SandboxError
 from envs.swe.instances import SWEInstance, repo_tar
+from sandbox import ExecResult, Sandbox, SandboxLimits, make_sandbox
+from sandbox.base import SandboxError
 
 STATE_DIR = ".swe"  # relative to the sandbox's work dir; outside the repository
 REPO_DIR = "testbed"  # the repository's directory in the work dir, when copied in

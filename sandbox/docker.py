@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from envs.sandbox.base import (
+from sandbox.base import (
     KILLED_CPU,
     KILLED_MEMORY,
     KILLED_OUTPUT,
@@ -55,7 +55,7 @@ from envs.sandbox.base import (
     SandboxLimits,
     check_relative_path,
 )
-from envs.sandbox.images import HOST_IMAGE, HOST_MOUNTS_LABEL, IMAGE_HINT, build_host_image
+from sandbox.images import HOST_IMAGE, HOST_MOUNTS_LABEL, IMAGE_HINT, build_host_image
 
 DEFAULT_SOCKET = "/run/podman/podman.sock"  # where host_setup.sh serves Podman's Docker API
 FALLBACK_SOCKET = "/var/run/docker.sock"
@@ -123,7 +123,7 @@ def connect(base_url: str | None = None, timeout: float = API_TIMEOUT_S) -> Any:
     except Exception as e:
         raise SandboxError(
             f"no Docker API answers at {url} ({type(e).__name__}: {e}); run "
-            "envs/sandbox/host_setup.sh as root (Podman) and export the DOCKER_HOST it prints"
+            "sandbox/host_setup.sh as root (Podman) and export the DOCKER_HOST it prints"
         ) from e
     return client
 

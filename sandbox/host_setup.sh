@@ -5,12 +5,12 @@
 #   - installs podman + runc (the docker backend, through Podman's Docker-compatible API);
 #   - writes a containers.conf for the service (runc, cgroupfs, modest default ulimits);
 #   - starts `podman system service` on a unix socket in the background unless one answers;
-#   - builds the base image(s) if missing (python -m envs.sandbox.images).
+#   - builds the base image(s) if missing (python -m launch.images).
 # Idempotent: a second run only checks (about a second). Prints the DOCKER_HOST to export.
 #
-#   sudo envs/sandbox/host_setup.sh [--debian]   # --debian: also build cwm-rl/debian:bookworm
-#   sudo envs/sandbox/host_setup.sh --local      # only what the local backend needs, no podman
-#   eval "$(envs/sandbox/host_setup.sh --print-env)"   # only print the export line
+#   sudo sandbox/host_setup.sh [--debian]   # --debian: also build cwm-rl/debian:bookworm
+#   sudo sandbox/host_setup.sh --local      # only what the local backend needs, no podman
+#   eval "$(sandbox/host_setup.sh --print-env)"   # only print the export line
 #
 # Environment: CWM_RL_PODMAN_SOCKET (default /run/podman/podman.sock), PYTHON (default: the
 # repository's .venv/bin/python if it has docker-py; otherwise images are imported with the
@@ -21,7 +21,7 @@ SOCKET="${CWM_RL_PODMAN_SOCKET:-/run/podman/podman.sock}"
 CONF_DIR="${CWM_RL_CONF_DIR:-/etc/cwm-rl}"
 CONF="$CONF_DIR/containers.conf"
 LOG=/var/log/cwm-rl-podman.log
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGE_ARGS=()
 LOCAL_ONLY=0
 for arg in "$@"; do
@@ -62,7 +62,7 @@ if ((${#packages[@]})); then
     apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
-# The local backend's cgroups (envs/sandbox/cgroups.py): pids and memory, v1 or v2. Only a
+# The local backend's cgroups (sandbox/cgroups.py): pids and memory, v1 or v2. Only a
 # check: the sandboxes make their groups themselves (this shell's group stands in for the run's).
 check_cgroups() {
     local root=/sys/fs/cgroup c own available
@@ -93,7 +93,7 @@ fi
 # 2. containers.conf for the service (rewritten each run so edits here take effect).
 mkdir -p "$CONF_DIR"
 cat > "$CONF.tmp" <<'EOF'
-# Written by cwm-rl envs/sandbox/host_setup.sh: the Podman service behind the docker sandbox.
+# Written by cwm-rl sandbox/host_setup.sh: the Podman service behind the docker sandbox.
 [containers]
 # Podman would otherwise give containers the service's own (huge) limits.
 default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
@@ -137,16 +137,16 @@ else
 fi
 
 # 4. Base images: through the API with docker-py where a Python has it, else (a fresh clone
-# before `make install`) with the podman CLI; the recipes live in envs/sandbox/images.py.
+# before `make install`) with the podman CLI; the recipes live in sandbox/images.py.
 export DOCKER_HOST="unix://$SOCKET" CONTAINERS_CONF="$CONF"
 if [[ -z "${PYTHON:-}" && -x "$REPO/.venv/bin/python" ]] \
     && "$REPO/.venv/bin/python" -c "import docker" 2>/dev/null; then
     PYTHON="$REPO/.venv/bin/python"
 fi
 if [[ -n "${PYTHON:-}" ]]; then
-    (cd "$REPO" && "$PYTHON" -m envs.sandbox.images --docker-host "$DOCKER_HOST" "${IMAGE_ARGS[@]}") >&2
+    (cd "$REPO" && "$PYTHON" -m launch.images --docker-host "$DOCKER_HOST" "${IMAGE_ARGS[@]}") >&2
 else
-    (cd "$REPO" && python3 -m envs.sandbox.images --podman-cli "${IMAGE_ARGS[@]}") >&2
+    (cd "$REPO" && python3 -m launch.images --podman-cli "${IMAGE_ARGS[@]}") >&2
 fi
 
 echo "export DOCKER_HOST=unix://$SOCKET"

@@ -41,9 +41,9 @@ import traceback
 import types
 from collections.abc import Sequence
 
-from envs.sandbox.base import ExecResult, SandboxError, SandboxLimits
-from envs.sandbox.cgroups import CgroupSet, cgroups_unavailable_reason, write_value
-from envs.sandbox.local import (
+from sandbox.base import ExecResult, Sandbox, SandboxError, SandboxLimits, check_relative_path
+from sandbox.cgroups import CgroupSet, cgroups_unavailable_reason, write_value
+from sandbox.contain import (
     BWRAP_MISSING,
     MEMORY_SLACK_MB,
     bwrap_argv,
@@ -378,7 +378,7 @@ def read(n):
         data += chunk
     return bytes(data)
 sources = json.loads(read(int.from_bytes(read(8), "big")))
-for name in ("envs", "envs.sandbox"):
+for name in ("sandbox",):
     package = types.ModuleType(name)
     package.__path__ = []
     sys.modules[name] = package
@@ -387,13 +387,13 @@ for name, source in sources:
     module.__file__ = "<" + name + ">"
     sys.modules[name] = module
     exec(compile(source, module.__file__, "exec"), module.__dict__)
-sys.modules["envs.sandbox.forkserver"].serve(json.loads(sys.argv[1]))
+sys.modules["sandbox.forkserver"].serve(json.loads(sys.argv[1]))
 """
 _SERVER_MODULES = (
-    "envs.sandbox.base",
-    "envs.sandbox.cgroups",
-    "envs.sandbox.local",
-    "envs.sandbox.forkserver",
+    "sandbox.base",
+    "sandbox.cgroups",
+    "sandbox.contain",
+    "sandbox.forkserver",
 )
 
 
@@ -648,3 +648,51 @@ def shared_forkserver(allow_unisolated: bool = False) -> ForkServer:
             server = _shared[allow_unisolated] = ForkServer(allow_unisolated=allow_unisolated)
             atexit.register(server.close)
         return server
+
+
+class ForkServerSandbox(Sandbox):
+    """The fork server behind the `Sandbox` interface (`make_sandbox("forkserver")`), for callers
+    that run Python programs: files written with `write_file` are kept here, and
+    `exec(["python3", [-I,] FILE])` runs FILE's source in a child forked from this process's
+    shared warm server. The server runs no other command (it is a Python interpreter, not a
+    shell): any other `cmd` is refused with a SandboxError. Programs always run isolated (-I)
+    with a fresh, empty run directory as their work dir."""
+
+    workdir = RUNS_DIR
+
+    def __init__(self, limits: SandboxLimits | None = None, *, allow_unisolated: bool = False):
+        self.limits = limits or SandboxLimits()
+        self.server = shared_forkserver(allow_unisolated)
+        self._files: dict[str, bytes] = {}
+
+    def exec(
+        self, cmd: str | list[str], timeout: float, stdin: str | bytes | None = None
+    ) -> ExecResult:
+        argv = cmd.split() if isinstance(cmd, str) else list(cmd)
+        if argv[:1] == ["python3"] and argv[1:2] == ["-I"]:
+            argv = argv[:1] + argv[2:]
+        if len(argv) != 2 or argv[0] != "python3":
+            raise SandboxError(
+                f"the fork server runs Python programs only (python3 [-I] FILE), not {cmd!r}"
+            )
+        source = self.read_file(argv[1]).decode("utf-8", errors="surrogateescape")
+        return self.server.run(
+            source,
+            stdin,
+            timeout,
+            memory_mb=self.limits.memory_mb,
+            cpu_s=self.limits.cpu_s,
+            max_processes=min(self.limits.max_processes, self.server.limits.max_processes),
+        )
+
+    def write_file(self, path: str, data: str | bytes) -> None:
+        self._files[check_relative_path(path)] = data.encode() if isinstance(data, str) else data
+
+    def read_file(self, path: str) -> bytes:
+        try:
+            return self._files[check_relative_path(path)]
+        except KeyError:
+            raise FileNotFoundError(path) from None
+
+    def close(self) -> None:
+        self._files.clear()  # the shared server stays warm for the next program

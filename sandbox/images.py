@@ -9,19 +9,17 @@
   `mmdebstrap` (about a minute and a network path to a Debian mirror); for hosts where the
   host image cannot work or when the sandbox must not see the host's /usr.
 
-`python -m envs.sandbox.images [--debian] [--rebuild] [--podman-cli]` builds what is missing
+`python -m launch.images [--debian] [--rebuild] [--podman-cli]` builds what is missing
 (through the Docker API, or the podman CLI where docker-py is not installed yet).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -30,9 +28,7 @@ from typing import Any
 HOST_IMAGE = "cwm-rl/host:latest"
 DEBIAN_IMAGE = "cwm-rl/debian:bookworm"
 HOST_MOUNTS_LABEL = "cwm-rl.host-mounts"  # comma-separated host paths to bind read-only
-IMAGE_HINT = (
-    "build it with `python -m envs.sandbox.images` (or run envs/sandbox/host_setup.sh as root)"
-)
+IMAGE_HINT = "build it with `python -m launch.images` (or run sandbox/host_setup.sh as root)"
 DEBIAN_PACKAGES = ("python3", "git", "bash", "ca-certificates", "procps")
 IMAGE_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Top-level directories that a merged-/usr host makes symlinks into /usr.
@@ -188,39 +184,3 @@ def ensure_image(client: Any, name: str, rebuild: bool = False) -> bool:
         return False
     BUILDERS[name](client)
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docker-host", help="API address (default: $DOCKER_HOST, then Podman's)")
-    parser.add_argument("--debian", action="store_true", help=f"also build {DEBIAN_IMAGE}")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild even if present")
-    parser.add_argument(
-        "--podman-cli", action="store_true", help="use the podman CLI (no docker-py needed)"
-    )
-    args = parser.parse_args(argv)
-    client = None
-    if not args.podman_cli:
-        from envs.sandbox.base import SandboxError
-        from envs.sandbox.docker import connect
-
-        try:
-            client = connect(args.docker_host)
-        except SandboxError as e:
-            print(e, file=sys.stderr)
-            return 1
-    names = [HOST_IMAGE] + ([DEBIAN_IMAGE] if args.debian else [])
-    for name in names:
-        start = time.monotonic()
-        try:
-            built = ensure_image(client, name, rebuild=args.rebuild)
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-            print(f"building {name} failed: {e}", file=sys.stderr)
-            return 1
-        took = time.monotonic() - start
-        print(f"{name}: built in {took:.1f} s" if built else f"{name}: present")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
