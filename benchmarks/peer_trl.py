@@ -109,8 +109,8 @@ def ensure_venv(venv: Path) -> float:
 
 
 def load(config: Path, overrides: list[str]):
-    from envs.base import ConfigError
     from rl.config import load_config
+    from rl.schema import ConfigError
 
     try:
         return load_config(config, overrides)

@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from envs.base import ConfigError
 from launch.train import DEFAULT_CONFIG
 from rl.config import load_config
+from rl.schema import ConfigError
 
 
 def find_run_dir(path: Path) -> Path | None:

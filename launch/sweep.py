@@ -27,9 +27,9 @@ import time
 import traceback
 from pathlib import Path
 
-from envs.base import ConfigError
 from launch import sweep_file as sw
 from rl.config import RunConfig, load_config, to_yaml
+from rl.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 STATE_FILE = "sweep_state.json"

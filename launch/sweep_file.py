@@ -44,9 +44,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from envs.base import ConfigError
 from rl.config import RunConfig, load_config
 from rl.runlog import plot_lines, read_jsonl
+from rl.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = (

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from envs.base import ConfigError
 from rl.config import load_config
+from rl.schema import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_math.yaml"
 

@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from envs import registry
-from envs.base import ConfigError
 from model.loader import ModelSpec
 from rl import grpo
 from rl.health import FailuresConfig
 from rl.learner import LearnerConfig
 from rl.rollout import RolloutConfig
+from rl.schema import ConfigError, build
 from rl.weights import WeightSyncConfig
 
 
@@ -351,29 +352,42 @@ def _check(cfg: RunConfig) -> None:
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> RunConfig:
-    """YAML file (optional) + dotted overrides -> a validated RunConfig."""
-    schema = OmegaConf.structured(RunConfig)
-    try:
-        parts: list[DictConfig] = [schema]
-        if path is not None:
-            if not Path(path).exists():
-                raise ConfigError(f"config file {path} does not exist")
-            parts.append(OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not key=value")
-            parts.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*parts)
-        cfg: RunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"key '{key}': {msg}" if key else msg) from None
-    except (ValueError, TypeError) as e:  # dataclass __post_init__ checks
-        raise ConfigError(str(e)) from None
+    """YAML file (optional) + dotted overrides -> a validated RunConfig, in three explicit steps:
+    merge onto the schema (types, unknown keys), `resolve` derived values, `_check` every rule."""
+    parts: list[DictConfig] = []
+    if path is not None:
+        parts.append(_read_yaml(path))
+    if overrides:
+        parts.append(_read_overrides(overrides))
+    cfg = build(RunConfig, *parts)
     _check(resolve(cfg))
     return cfg
+
+
+def _read_yaml(path: str | os.PathLike) -> DictConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist (or is not a file)")
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys (name: ..., envs: ...), "
+            f"got a {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def _read_overrides(overrides: list[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"overrides {overrides}: {str(e).splitlines()[0]}") from None
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from envs.base import ConfigError
 from model import CWM, CWMConfig, save_pretrained
 from rl.config import load_config
+from rl.schema import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -10,9 +10,10 @@ import threading
 import pytest
 from conftest import require
 
-from envs.base import ConfigError, Task
+from envs.base import Task
 from envs.code import CodeEnv, extract_program
 from envs.data import DataError
+from rl.schema import ConfigError
 from sandbox.cgroups import kill_pids_in
 from sandbox.forkserver import forkserver_unavailable_reason, shared_forkserver
 

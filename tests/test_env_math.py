@@ -9,13 +9,14 @@ import re
 import pytest
 
 from envs import registry
-from envs.base import ConfigError, Task, hash_split
+from envs.base import Task, hash_split
 from envs.math import (
     RETRY_FEEDBACK,
     THINK_SYSTEM_PROMPT,
     MathEnv,
     generate_tasks,
 )
+from rl.schema import ConfigError
 
 ARITHMETIC_RE = re.compile(r"^What is (\(?\d+(?: [-+*/] \d+\)?)+(?: [-+*/] \d+)*)\?$")
 

@@ -15,15 +15,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from envs import registry
-from envs.base import (
-    ConfigError,
-    Environment,
-    StepResult,
-    Task,
-    require_config,
-    validate_dataclass,
-)
+from envs.base import Environment, StepResult, Task, require_config
 from envs.math import MathConfig, MathEnv
+from rl.config import load_config
+from rl.schema import ConfigError, build
 
 
 @dataclass
@@ -141,7 +136,7 @@ def test_entry_point_plugin_is_discovered_and_runs(plugin_dir):
 
     assert asyncio.run(episode("5")) == 1.0
     assert asyncio.run(episode("4")) == 0.0
-    with pytest.raises(ConfigError, match="env 'count'.*'targt'"):
+    with pytest.raises(ConfigError, match="envs.count.config.targt"):
         env_cls.validate_config({"targt": 5})
 
 
@@ -175,29 +170,51 @@ def test_unknown_key_names_key_env_and_valid_keys():
     with pytest.raises(ConfigError) as err:
         MathEnv.validate_config({"difficulty_level": 2})
     message = str(err.value)
-    assert "env 'math'" in message and "'difficulty_level'" in message
+    assert message.startswith("key 'envs.math.config.difficulty_level'")
     assert "valid keys:" in message and "difficulty" in message and "seed" in message
 
 
 def test_wrong_type_names_key_expected_and_got():
+    """OmegaConf's rules, as for every key of the run config: "7" may become 7, "x" may not."""
     with pytest.raises(ConfigError) as err:
-        MathEnv.validate_config({"seed": "7"})
-    assert str(err.value) == "env 'math': key 'seed' expects int, got str ('7')"
-    with pytest.raises(ConfigError, match="key 'reasoning' expects bool, got int"):
-        MathEnv.validate_config({"reasoning": 1})
+        MathEnv.validate_config({"seed": "x"})
+    assert str(err.value) == (
+        "key 'envs.math.config.seed': Value 'x' of type 'str' could not be converted to Integer"
+    )
+    with pytest.raises(ConfigError, match="key 'envs.math.config.seed'.*'2.5'"):
+        MathEnv.validate_config({"seed": 2.5})
+    with pytest.raises(ConfigError, match="key 'envs.math.config.reasoning'.*not a valid bool"):
+        MathEnv.validate_config({"reasoning": "maybe"})
     with pytest.raises(
-        ConfigError, match=r"key 'source' must be one of \['arithmetic', 'jsonl', 'hf'\]"
+        ConfigError,
+        match=r"key 'envs.math.config.source'.*expected one of \['arithmetic', 'jsonl', 'hf'\]",
     ):
         MathEnv.validate_config({"source": "csv"})
+    with pytest.raises(ConfigError, match="key 'envs.math.config.difficulty'.*incompatible"):
+        MathEnv.validate_config({"difficulty": [1, "a"]})
+    with pytest.raises(ConfigError, match="envs.math.config: a config must be a mapping, got list"):
+        MathEnv.validate_config([1, 2])  # type: ignore[arg-type]
 
 
 def test_value_checks_name_the_key():
-    with pytest.raises(ConfigError, match="env 'math': key 'difficulty' must be a level"):
+    with pytest.raises(ConfigError, match="envs.math.config: key 'difficulty' must be a level"):
         MathEnv.validate_config({"difficulty": 7})
     with pytest.raises(ConfigError, match="key 'path' is required when source is 'jsonl'"):
         MathEnv.validate_config({"source": "jsonl"})
     with pytest.raises(ConfigError, match="key 'max_attempts' must be >= 1"):
         MathEnv.validate_config({"max_attempts": 0})
+
+
+def test_env_sections_fail_in_load_config_with_the_run_configs_key():
+    """The env section goes through the run config's path: load_config names the full key."""
+    for override, match in [
+        ("envs.math.config.seed=x", r"key 'envs\.math\.config\.seed'"),
+        ("envs.math.config.sed=1", r"key 'envs\.math\.config\.sed'.*Did you mean"),
+        ("envs.math.config.prompt=essay", r"key 'envs\.math\.config\.prompt'"),
+        ("envs.math.config.difficulty=9", r"envs\.math\.config: key 'difficulty'"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config("configs/tiny_math.yaml", [override])
 
 
 def test_omegaconf_section_is_accepted_and_ints_widen_to_float():
@@ -221,25 +238,27 @@ class _Inner:
 class _Outer:
     mode: Literal["a", "b"] = "a"
     weights: dict[str, float] = field(default_factory=dict)
-    sizes: tuple[int, ...] = ()
+    sizes: list[int] = field(default_factory=list)
     inner: _Inner = field(default_factory=_Inner)
     label: str | None = None
 
 
-def test_validate_dataclass_nested_containers_and_value_checks():
-    config = validate_dataclass(
+def test_build_nested_containers_and_value_checks():
+    config = build(
         _Outer,
         {"mode": "b", "weights": {"math": 2}, "sizes": [1, 2], "inner": {"weight": 0.5}},
         where="test",
     )
-    assert config == _Outer(mode="b", weights={"math": 2.0}, sizes=(1, 2), inner=_Inner(0.5))
-    with pytest.raises(ConfigError, match=r"key 'weights\.math' expects float, got str"):
-        validate_dataclass(_Outer, {"weights": {"math": "x"}}, where="test")
-    with pytest.raises(ConfigError, match=r"key 'sizes\[1\]' expects int, got float"):
-        validate_dataclass(_Outer, {"sizes": [1, 2.5]}, where="test")
-    with pytest.raises(ConfigError, match=r"test\.inner: key 'weight' must be >= 0, got -1"):
-        validate_dataclass(_Outer, {"inner": {"weight": -1}}, where="test")
-    with pytest.raises(ConfigError, match=r"test\.inner: unknown config key 'wieght'"):
-        validate_dataclass(_Outer, {"inner": {"wieght": 1}}, where="test")
-    with pytest.raises(ConfigError, match="config must be a mapping, got list"):
-        validate_dataclass(_Outer, [1, 2], where="test")  # type: ignore[arg-type]
+    assert config == _Outer(mode="b", weights={"math": 2.0}, sizes=[1, 2], inner=_Inner(0.5))
+    assert isinstance(config.weights["math"], float)
+    with pytest.raises(ConfigError, match=r"key 'test\.weights\.math'.*'x'.*Float"):
+        build(_Outer, {"weights": {"math": "x"}}, where="test")
+    with pytest.raises(ConfigError, match=r"key 'test\.sizes\[1\]'.*'2\.5'.*Integer"):
+        build(_Outer, {"sizes": [1, 2.5]}, where="test")
+    with pytest.raises(ConfigError, match=r"test: key 'weight' must be >= 0, got -1"):
+        build(_Outer, {"inner": {"weight": -1}}, where="test")
+    with pytest.raises(ConfigError, match=r"key 'test\.inner\.wieght'.*valid keys: weight"):
+        build(_Outer, {"inner": {"wieght": 1}}, where="test")
+    with pytest.raises(ConfigError, match=r"key 'test\.mode'.*expected one of \['a', 'b'\]"):
+        build(_Outer, {"mode": "c"}, where="test")
+    assert build(_Outer, None, {"label": "x"}).label == "x"  # parts overlay in order

@@ -142,7 +142,7 @@ def test_async_mode_with_collective_weight_sync(ray_local, tmp_path):
     ],
 )
 def test_bad_config_is_named_before_anything_starts(override, message):
-    from envs.base import ConfigError
+    from rl.schema import ConfigError
 
     extra = ["max_lag=0"] if override == "mode=async" else []
     with pytest.raises(ConfigError, match="rollout.gpus >= 2"):  # vllm TP 2 without GPUs

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from envs.base import ConfigError
 from launch import sweep as cli
 from launch import sweep_file as sw
+from rl.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SWEEP = REPO / "configs" / "sweeps" / "smoke.yaml"

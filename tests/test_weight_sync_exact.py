@@ -137,7 +137,7 @@ def test_the_sampler_check_names_the_step_the_difference_and_the_causes():
     assert logprob_diff_bound(load_config(None, [*TINY, "rollout.top_p=0.9"])) is None
     assert logprob_diff_bound(load_config(None, [*TINY, "max_logprob_diff=0.5"])) == 0.5
     assert logprob_diff_bound(load_config(None, [*TINY, "max_logprob_diff=0"])) is None
-    from envs.base import ConfigError
+    from rl.schema import ConfigError
 
     with pytest.raises(ConfigError, match="max_logprob_diff"):
         load_config(None, [*TINY, "max_logprob_diff=-1"])
