@@ -123,6 +123,11 @@ def test_every_config_key_has_a_value_rule():
         ("envs.math.weight=0", "envs"),
         ("envs.math.weight=nan", "envs.math.weight"),
         ("learner.optim.warmup_steps=2000", "learner.optim.warmup_steps"),  # cosine below
+        ("envs.math.config.difficulty=[1,9]", "envs.math.config"),
+        ("envs.math.config.n_trian=5", "envs.math.config.n_trian"),
+        ("envs.math.config.prompt=essay", "envs.math.config.prompt"),
+        ("envs.math.config=3", "envs.math.config"),
+        ("envs.maths.weight=1", "envs.maths"),
     ],
 )
 def test_config_mistakes_are_named_before_anything_starts(override, key):
@@ -138,3 +143,22 @@ def test_config_mistakes_are_named_before_anything_starts(override, key):
 def test_any_integer_seed_is_accepted():
     for seed in (0, -1, 2330, 12345, 2**62, -(2**62)):
         assert load_config(CONFIGS / "tiny_math.yaml", [f"seed={seed}"]).seed == seed
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: [unclosed\n", "is not valid YAML"),
+        ("- steps: 3\n", "must hold a mapping of keys"),
+        ("steps: ${missing}\n", "key 'steps'"),
+        ("stpes: 3\n", "key 'stpes'"),
+    ],
+)
+def test_broken_config_files_name_the_file_or_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        load_config(path)
+    assert str(path) in str(err.value) or "key '" in str(err.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path)  # a directory, not a file
