@@ -51,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from envs.data import DataError
     from rl.health import InfrastructureFailure
     from rl.orchestrator import LearnerFailure, Orchestrator, SamplerMismatch, init_ray
 
     init_ray(ns.num_cpus)
     try:
-        summary = Orchestrator(cfg, ns.run_dir).run(resume=bool(ns.resume))
+        orchestrator = Orchestrator(cfg, ns.run_dir)
+    except DataError as e:  # the data cannot be trained on (unreadable, failed validation)
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = orchestrator.run(resume=bool(ns.resume))
     except (LearnerFailure, InfrastructureFailure, SamplerMismatch) as e:
         print(f"run stopped: {e}", file=sys.stderr)
         return 1

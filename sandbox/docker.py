@@ -32,6 +32,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import secrets
 import select
 import socket
@@ -68,6 +69,9 @@ STDIN_DIR_MB = 64
 API_TIMEOUT_S = 60
 SWEEP_TIMEOUT_S = 15.0
 DRAIN_GRACE_S = 2.0
+DEFAULT_PATH = (
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # where the image sets none
+)
 SIGKILL, SIGXCPU = 9, 24
 GO_MODE_SYMLINK = 1 << 27  # os.ModeSymlink in the API's path-stat header
 
@@ -293,9 +297,12 @@ class DockerSandbox(Sandbox):
       lives in the container's own file system, e.g. a repository baked into the image; needs
       read_only=False, and user="root" unless the image's files belong to the sandbox uid).
     lifetime_s: the container ends itself after this long, whatever happens to this process.
-    user: None = a fresh unprivileged uid; "root"; or "uid:gid".
+    user: None = a fresh unprivileged uid; "root"; "uid:gid"; or "image": the image's own
+      USER (root where it sets none; a name is resolved to its ids inside the container).
     read_only: read-only root file system (writable: the work dir and /tmp).
-    env: extra environment variables for every exec.
+    env: extra environment variables for every exec, over the image's own (its PATH, a conda
+      environment's variables...: kept), over the defaults (a standard PATH where the image sets
+      none, HOME = the work dir unless user="image", TMPDIR, LANG).
     docker_host: the API address (default: `resolve_docker_host()`).
     """
 
@@ -340,15 +347,11 @@ class DockerSandbox(Sandbox):
         self._closed = False
         self._container_id: str | None = None
         self._oom_kills = 0
-        self.uid, self.gid = _parse_user(user)
+        self._image_user = user == "image"
+        self.uid, self.gid = (0, 0) if self._image_user else _parse_user(user)
         self._user = f"{self.uid}:{self.gid}"
-        self._env = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": self.workdir,
-            "TMPDIR": "/tmp",
-            "LANG": "C.UTF-8",
-            **(env or {}),
-        }
+        self._extra_env = dict(env or {})
+        self._env = {}  # set by _start, from the image's config
         self._url = docker_host or resolve_docker_host()
         self._client = shared_client(self._url)
         self._start(network, cpus, workdir_mb, tmp_mb, read_only)
@@ -359,25 +362,54 @@ class DockerSandbox(Sandbox):
     # -----------------------------------------------------------------------------------------
     # Container life
 
-    def _image_mounts(self) -> list[str]:
+    def _inspect_image(self) -> list[str]:
+        """The image's host mounts (label); sets the exec environment from its config."""
         import docker
 
         try:
             try:
-                labels = self._client.images.get(self.image).labels or {}
+                image = self._client.images.get(self.image)
             except docker.errors.ImageNotFound:
                 if self.image != HOST_IMAGE:
                     raise
                 build_host_image(self._client)  # a fraction of a second: build it on first use
-                labels = self._client.images.get(self.image).labels or {}
+                image = self._client.images.get(self.image)
         except docker.errors.ImageNotFound:
             raise SandboxError(
                 f"image {self.image!r} is missing at {self._url}; {IMAGE_HINT}"
             ) from None
         except (docker.errors.DockerException, OSError, RuntimeError) as e:
             raise SandboxError(f"could not inspect or build image {self.image!r}: {e}") from e
-        mounts = labels.get(HOST_MOUNTS_LABEL, "")
+        config = image.attrs.get("Config") or {}
+        self._env = {"PATH": DEFAULT_PATH, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+        if not self._image_user:
+            self._env["HOME"] = self.workdir
+        for item in config.get("Env") or []:
+            key, _, value = item.partition("=")
+            self._env[key] = value
+        self._env.update(self._extra_env)
+        self._image_user_name = (config.get("User") or "").strip()
+        mounts = (image.labels or {}).get(HOST_MOUNTS_LABEL, "")
         return [m for m in mounts.split(",") if m]
+
+    def _resolve_image_user(self) -> None:
+        """user="image": the ids of the image's USER (root where it sets none)."""
+        name = self._image_user_name
+        if not name or name in ("root", "0", "0:0"):
+            self.uid, self.gid = 0, 0
+        elif re.fullmatch(r"\d+(:\d+)?", name):
+            self.uid, self.gid = _parse_user(name)
+        else:
+            user, _, group = name.partition(":")
+            api = self._client.api
+            ids = []
+            for flag in ("-u", "-g"):
+                exec_id = api.exec_create(self._container_id, ["id", flag], user=name)["Id"]
+                ids.append(api.exec_start(exec_id).decode(errors="replace").strip())
+            if not all(i.isdigit() for i in ids):
+                raise SandboxError(f"the image's user {name!r} has no ids here: {ids}")
+            self.uid, self.gid = int(ids[0]), int(ids[1])
+        self._user = f"{self.uid}:{self.gid}"
 
     def _start(
         self, network: str, cpus: float | None, workdir_mb: int | None, tmp_mb: int, ro: bool
@@ -409,7 +441,7 @@ class DockerSandbox(Sandbox):
             security_opt=["no-new-privileges"],
             read_only=ro,
             tmpfs=tmpfs,
-            mounts=[Mount(p, p, type="bind", read_only=True) for p in self._image_mounts()],
+            mounts=[Mount(p, p, type="bind", read_only=True) for p in self._inspect_image()],
             ulimits=ulimits,
             auto_remove=True,
         )
@@ -426,6 +458,8 @@ class DockerSandbox(Sandbox):
             )
             self._container_id = created["Id"]
             api.start(self._container_id)
+            if self._image_user:
+                self._resolve_image_user()
             # The work dir belongs to the sandbox user (a tmpfs mount point starts as root's).
             parent, name = posixpath.split(self.workdir)
             self._put_tar(parent, _tar([(name, None)], self.uid, self.gid))

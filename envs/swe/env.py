@@ -34,7 +34,7 @@ from envs.base import Environment, Message, StepResult, Task, hash_split, requir
 from envs.data import DataError
 from envs.swe import tools
 from envs.swe.instances import SWEInstance, load_instances
-from envs.swe.scoring import ScoreResult, score_patch
+from envs.swe.scoring import ScoreResult, harness_parser, score_patch
 from envs.swe.workspace import SandboxSpec, Workspace, find_leaks, open_workspace
 from sandbox.base import SandboxError
 
@@ -84,8 +84,11 @@ class SWEConfig:
     """Config of the `swe` environment.
 
     source: "builtin" (the tasks of envs.swe.build_tasks, built on first use into `tasks_dir`,
-    default the cache) or "jsonl" (`path`; `test_path` for the held-out split, else a hashed
-    `test_fraction` of `path`).
+    default the cache), "jsonl" (this project's records, `path`; `test_path` for the held-out
+    split, else a hashed `test_fraction` of `path`) or "swebench" (JSONL of SWE-bench / SWE-bench
+    Verified / SWE-Gym records, read as envs.swe.sources says: images named as the harness names
+    them, under `image_namespace` (None: locally built names) in `image_style` "swebench" or
+    "swegym", for `image_arch`).
     backend: the sandbox ("local" or "docker"); `use_task_images` runs docker sandboxes in the
     instance's image when it names one (built with `build_tasks --images`), else the repository
     is copied into a `cwm-rl/host` container. `allow_unisolated`: let the local sandbox run
@@ -95,7 +98,7 @@ class SWEConfig:
     Reward: +reward_scale resolved; 0 if similarity >= similarity_threshold; else -reward_scale.
     """
 
-    source: Literal["builtin", "jsonl"] = "builtin"
+    source: Literal["builtin", "jsonl", "swebench"] = "builtin"
     path: str | None = None
     test_path: str | None = None
     tasks_dir: str | None = None
@@ -104,6 +107,9 @@ class SWEConfig:
     n_test: int | None = None
     on_bad_line: Literal["skip", "error"] = "skip"
     default_test_cmd: str | None = None
+    image_namespace: str | None = "swebench"
+    image_style: Literal["swebench", "swegym"] = "swebench"
+    image_arch: Literal["x86_64", "arm64"] = "x86_64"
     backend: Literal["local", "docker"] = "local"
     use_task_images: bool = True
     docker_host: str | None = None
@@ -122,10 +128,16 @@ class SWEConfig:
     similarity_threshold: float = 0.5
     system_prompt: str | None = None  # replaces the default (which describes the tools)
     leak_check: bool = False  # reset checks the workspace for the hidden tests and the oracle
+    # before training, the first N instances of the data are validated (envs.swe.validate: gold
+    # patch +1, empty patch unresolved, image present) and a failure refuses the run, naming
+    # the instance. None: 3 for jsonl / swebench data, 0 for the builtin (verified when built)
+    validate_first: int | None = None
 
     def __post_init__(self) -> None:
-        if self.source == "jsonl":
-            require_config(self.path is not None, "path", "is required when source is 'jsonl'")
+        if self.source != "builtin":
+            require_config(
+                self.path is not None, "path", f"is required when source is '{self.source}'"
+            )
         require_config(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         for key in ("max_turns", "max_tokens", "max_output_chars", "max_processes"):
             require_config(getattr(self, key) >= 1, key, "must be >= 1")
@@ -141,7 +153,7 @@ class SWEConfig:
         require_config(
             0 <= self.similarity_threshold <= 1, "similarity_threshold", "must be in [0, 1]"
         )
-        for key in ("n_train", "n_test"):
+        for key in ("n_train", "n_test", "validate_first"):
             value = getattr(self, key)
             require_config(value is None or value >= 0, key, f"must be >= 0, got {value}")
 
@@ -192,40 +204,83 @@ class SWEEnv(Environment):
 
     def _instances(self, path: str) -> list[SWEInstance]:
         config = self.config
+        options = {}
+        if config.source == "swebench":
+            options = {
+                "namespace": config.image_namespace,
+                "style": config.image_style,
+                "arch": config.image_arch,
+            }
         instances = load_instances(
-            path, default_test_cmd=config.default_test_cmd, on_bad_line=config.on_bad_line
+            path,
+            default_test_cmd=config.default_test_cmd,
+            on_bad_line=config.on_bad_line,
+            record_format="swebench" if config.source == "swebench" else "native",
+            **options,
         )
         if not instances:
             raise DataError(f"{path}: no usable SWE instances")
+        for parser in sorted({i.log_parser for i in instances if i.log_parser is not None}):
+            try:
+                harness_parser(parser)
+            except ValueError as e:
+                raise DataError(f"{path}: {e}") from None
         return instances
 
-    def _build_tasks(self) -> dict[str, list[Task]]:
+    def instances(self) -> list[SWEInstance]:
+        """Every instance of the configured data (`path`, then `test_path`), in file order."""
         config = self.config
-        by_split: dict[str, list[SWEInstance]] = {"train": [], "test": []}
         if config.source == "builtin":
             from envs.swe.build_tasks import ensure_tasks
 
-            for instance in self._instances(str(ensure_tasks(config.tasks_dir))):
-                by_split[hash_split(instance.instance_id, config.test_fraction)].append(instance)
-        elif config.test_path is not None:
-            assert config.path is not None
-            by_split["train"] = self._instances(config.path)
-            by_split["test"] = self._instances(config.test_path)
+            return self._instances(str(ensure_tasks(config.tasks_dir)))
+        assert config.path is not None
+        found = self._instances(config.path)
+        if config.test_path is not None:
+            found += self._instances(config.test_path)
+        return found
+
+    def _build_tasks(self) -> dict[str, list[Task]]:
+        config = self.config
+        instances = self.instances()
+        self._validate(instances)
+        by_split: dict[str, list[SWEInstance]] = {"train": [], "test": []}
+        if config.test_path is not None:
+            held_out = {i.instance_id: i for i in self._instances(config.test_path)}
+            by_split["test"] = list(held_out.values())
+            by_split["train"] = [i for i in instances if i.instance_id not in held_out]
         else:
-            assert config.path is not None
-            for instance in self._instances(config.path):
+            for instance in instances:
                 by_split[hash_split(instance.instance_id, config.test_fraction)].append(instance)
-        held_out = {i.instance_id for i in by_split["test"]}
-        by_split["train"] = [i for i in by_split["train"] if i.instance_id not in held_out]
         tasks = {}
-        for split, instances in by_split.items():
+        for split, chosen in by_split.items():
             cap = config.n_train if split == "train" else config.n_test
-            chosen = instances if cap is None else instances[:cap]
+            chosen = chosen if cap is None else chosen[:cap]
             tasks[split] = [
                 Task(id=f"swe-{i.instance_id}", env=self.name, payload=i.to_payload(), split=split)
                 for i in chosen
             ]
         return tasks
+
+    def _validate(self, instances: list[SWEInstance]) -> None:
+        """Refuse data whose first instances do not validate (SWEConfig.validate_first)."""
+        config = self.config
+        n = config.validate_first
+        if n is None:
+            n = 0 if config.source == "builtin" else 3
+        if n == 0:
+            return
+        from envs.swe.validate import check_instances
+
+        spec = config.sandbox_spec()
+        for check in check_instances(instances[:n], spec, timeout_s=config.scoring_timeout_s):
+            if not check.ok:
+                raise DataError(
+                    f"SWE instance {check.instance_id} of {config.path or 'the builtin tasks'} "
+                    f"failed validation before training: {check.reason} (check the data with "
+                    f"`python -m launch.validate_swe {config.path or ''} --source "
+                    f"{config.source}`; validate_first=0 skips this)"
+                )
 
     # -- episode ----------------------------------------------------------------------------
 

@@ -65,9 +65,14 @@ class SWEInstance:
     repo_dir: str | None = None
     image: str | None = None
     repo_path: str = DEFAULT_REPO_PATH  # the repository inside `image`
-    # who runs commands in `image`: "root" (SWE-bench images: the repository belongs to root),
-    # or "sandbox" (a fresh unprivileged uid; images built here, whose repository is writable)
+    # who runs commands in `image`: "root"; "image" (the image's own USER, root where it sets
+    # none: SWE-bench's images); or "sandbox" (a fresh unprivileged uid; images built here,
+    # whose repository is writable by anyone)
     image_user: str = "root"
+    # how the test output is read when the scorer's runner cannot run the command: None (unittest
+    # -v / pytest -rA lines) or a parser of the SWE-bench harness (`parse_log_django`...),
+    # graded as the harness grades (a skipped PASS_TO_PASS test is no regression)
+    log_parser: str | None = None
     extra: dict = field(default_factory=dict)  # other fields of the record, kept for analysis
 
     def __post_init__(self) -> None:
@@ -77,6 +82,8 @@ class SWEInstance:
             raise ValueError("needs a repository: 'repo_dir' (local) or an image field")
         if not self.test_cmd.strip():
             raise ValueError("test command is empty")
+        if self.image_user not in ("root", "image", "sandbox"):
+            raise ValueError(f"image_user must be root, image or sandbox, got {self.image_user!r}")
 
     @property
     def test_files(self) -> tuple[str, ...]:
@@ -170,7 +177,7 @@ def instance_from_record(
         raise ValueError("field 'image' must be a string")
     known = set(ID_FIELDS + PROBLEM_FIELDS + PATCH_FIELDS + IMAGE_FIELDS + TEST_CMD_FIELDS)
     known |= {"test_patch", "FAIL_TO_PASS", "PASS_TO_PASS", "fail_to_pass", "pass_to_pass"}
-    known |= {"base_commit", "repo", "repo_dir", "repo_path", "image_user"}
+    known |= {"base_commit", "repo", "repo_dir", "repo_path", "image_user", "log_parser"}
     extra = {k: v for k, v in record.items() if k not in known}
     return SWEInstance(
         instance_id=str(instance_id),
@@ -186,6 +193,7 @@ def instance_from_record(
         image=image,
         repo_path=str(record.get("repo_path") or DEFAULT_REPO_PATH),
         image_user=str(record.get("image_user") or "root"),
+        log_parser=record.get("log_parser") or None,
         extra=extra,
     )
 
@@ -195,15 +203,23 @@ def load_instances(
     *,
     default_test_cmd: str | None = None,
     on_bad_line: str = "skip",
+    record_format: str = "native",
+    **adapter_options: Any,
 ) -> list[SWEInstance]:
-    """Instances of a JSONL file (relative `repo_dir`s are relative to the file's directory).
+    """Instances of a JSONL file (relative `repo_dir`s are relative to the file's directory),
+    each record read by the `record_format` adapter (envs.swe.sources, with `adapter_options`).
     A bad record is reported as `path:line: why` and skipped, or raised with "error"."""
+    from envs.swe.sources import ADAPTERS
+
+    adapt = ADAPTERS[record_format]
     base_dir = Path(path).resolve().parent
     instances: list[SWEInstance] = []
     seen: set[str] = set()
     skipped = 0
     for origin, record in read_records(path):
         try:
+            if isinstance(record, Mapping):
+                record = adapt(record, **adapter_options)
             instance = instance_from_record(
                 record, base_dir=base_dir, default_test_cmd=default_test_cmd
             )

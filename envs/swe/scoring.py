@@ -179,6 +179,42 @@ def parse_test_output(output: str) -> dict[str, str]:
     return results
 
 
+HARNESS_STATUS = {"PASSED": PASS, "XFAIL": PASS, "FAILED": FAIL, "ERROR": FAIL, "SKIPPED": SKIP}
+
+
+def harness_parser(name: str):
+    """The SWE-bench harness's log parser `name` (swebench.harness.log_parsers); ValueError
+    when the package is missing or has no such parser."""
+    try:
+        from swebench.harness.log_parsers import PARSER_REGISTRY
+    except ImportError as e:
+        raise ValueError(
+            f"log parser {name!r} is the SWE-bench harness's: install it (pip install "
+            f"'cwm-rl[swe]', the swebench package): {e}"
+        ) from None
+    if name not in PARSER_REGISTRY:
+        raise ValueError(f"the SWE-bench harness has no log parser {name!r}")
+    return PARSER_REGISTRY[name]
+
+
+def parse_with_harness(instance: SWEInstance, output: str) -> dict[str, str]:
+    """Test name -> pass / fail / skip by the harness's parser for this instance."""
+    from swebench.types import TestSpec
+
+    spec = TestSpec(
+        instance_id=instance.instance_id,
+        image=instance.image or "",
+        eval_script_list=[],
+        repo=instance.repo,
+        version=str(instance.extra.get("version", "")),
+        FAIL_TO_PASS=list(instance.fail_to_pass),
+        PASS_TO_PASS=list(instance.pass_to_pass),
+        log_parser=instance.log_parser or "",
+    )
+    statuses = harness_parser(instance.log_parser or "")(output, spec)
+    return {name: HARNESS_STATUS.get(status, FAIL) for name, status in statuses.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # The test command under the runner
 
@@ -328,6 +364,29 @@ def scan_added_lines(added: dict[str, list[str]], oracle_patch: str) -> list[str
     return found
 
 
+def forged_results(added: dict[str, list[str]], instance: SWEInstance) -> list[str]:
+    """For verdicts read from the output (which the code under test can print): source lines
+    the patch adds that name a hidden test (its function name), as a forged result line must.
+    A real fix has no business spelling the names of the tests that judge it."""
+    names = set()
+    for test in instance.fail_to_pass + instance.pass_to_pass:
+        names.update(re.findall(r"\btest\w{3,}", test))
+    oracle_lines = "\n".join(line for line in instance.patch.splitlines() if line.startswith("+"))
+    names -= set(re.findall(r"\btest\w{3,}", oracle_lines))  # the fix itself names them
+    if not names:
+        return []
+    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(names))) + r")\b")
+    found = []
+    for path, lines in sorted(added.items()):
+        for line in lines:
+            match = pattern.search(unicodedata.normalize("NFKC", line))
+            if match:
+                found.append(
+                    f"{path}: names hidden test {match.group(0)!r} in {line.strip()[:120]!r}"
+                )
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # The verdict
 
@@ -384,11 +443,23 @@ class ScoreResult:
 
 
 def resolved_from(instance: SWEInstance, results: dict[str, str], exit_code: int | None) -> bool:
-    """All named tests passed; without names, the command exited 0 (output fallback)."""
+    """From parsed output: every FAIL_TO_PASS and PASS_TO_PASS test passed (names compared as
+    the runner reports them); without names, the command exited 0. Instances graded by the
+    SWE-bench harness's parser are graded as the harness grades: a PASS_TO_PASS test may be
+    skipped, and output that reports no failure from a command that failed is not believed."""
     names = instance.fail_to_pass + instance.pass_to_pass
-    if names:
-        return all(results.get(name) == PASS for name in names)
-    return exit_code == 0
+    if not names:
+        return exit_code == 0
+    if instance.log_parser is not None:
+        if not results:
+            return False
+        if exit_code not in (None, 0) and FAIL not in results.values():
+            return False
+        return all(results.get(n) == PASS for n in instance.fail_to_pass) and all(
+            results.get(n) in (PASS, SKIP) for n in instance.pass_to_pass
+        )
+    found = {report_test_name(name): status for name, status in results.items()}
+    return all(found.get(report_test_name(name)) == PASS for name in names)
 
 
 def report_test_name(name: str) -> str:
@@ -501,7 +572,11 @@ def _score_in(
         raise SandboxError("the repository is missing in the scoring sandbox")
     if plan is None:
         verdict.integrity = "stdout"
-        verdict.tests = parse_test_output(output)
+        verdict.tampering += forged_results(prepared["added"], instance)
+        if instance.log_parser is not None:
+            verdict.tests = parse_with_harness(instance, output)
+        else:
+            verdict.tests = parse_test_output(output)
         exit_code = None if result.timed_out else result.exit_code
         verdict.resolved = resolved_from(instance, verdict.tests, exit_code)
     else:

@@ -215,8 +215,9 @@ def _start_sandbox(instance: SWEInstance, spec: SandboxSpec) -> tuple[Sandbox, b
         if in_image:
             # The repository lives in the image's own file system: a writable root file system.
             # Images built here keep it writable by anyone, so commands run as the sandbox's
-            # fresh unprivileged uid; other images (SWE-bench's) need root, which has no
-            # capability but KILL yet can damage the container itself (then: env_error).
+            # fresh unprivileged uid; other images run as root or as their own USER (SWE-bench's:
+            # root), which has no capability but KILL yet can damage the container itself (then:
+            # env_error).
             user = None if instance.image_user == "sandbox" else instance.image_user
             options.update(image=instance.image, workdir_mb=256, read_only=False, user=user)
         return make_sandbox("docker", limits=limits, **options), in_image

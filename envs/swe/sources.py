@@ -1,0 +1,167 @@
+"""Where SWE instances come from: one adapter per dataset format, each turning a record into
+the fields an instance needs (envs.swe.instances): the image, the repository's path in it, who
+runs commands there, the test command, the hidden tests and the log parser.
+
+- "native": this project's field names (and the SWE-bench names it has always read); as is.
+- "swebench": SWE-bench, SWE-bench Verified / Lite and SWE-Gym records (one schema). The image
+  is named as the official harness names it: `sweb.eval.<arch>.<instance_id>:latest`, under a
+  registry namespace (default "swebench", Docker Hub) with `__` written `_1776_`, all lower
+  case; `image_style="swegym"` gives SWE-Gym's published names (`xingyaoww/sweb.eval.<arch>.`
+  with `__` written `_s_`); namespace None: the name a local harness build gives. The test
+  command is the one of the record's `eval_script` (SWE-bench >= 5 ships one per instance):
+  its set-up lines (conda activation, exports, a re-install) and the lines between the harness's
+  start and end markers, without its git checkout / apply lines (the scorer applies the hidden
+  tests itself, after resetting what the agent's patch did to the test machinery). A record
+  without one gets the command the harness used for its repository (`runtests.py` for Django,
+  `bin/test` for sympy, pytest -rA otherwise) on the files its test patch touches. The log
+  parser is the harness's (`log_parser`, else the one it keeps for the repository); it reads the
+  output when the command is not one the scorer's own runner can run (pytest / unittest commands
+  run under the runner, envs.swe.runner, whatever the source).
+Commands run as the image's own user, with its environment (the docker sandbox keeps its PATH).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+START_MARKER = ">>>>> Start Test Output"  # swebench.harness.constants.START_TEST_OUTPUT
+END_MARKER = ">>>>> End Test Output"
+SWEBENCH_REPO_PATH = "/testbed"
+SWEBENCH_ACTIVATE = "source /opt/miniconda3/bin/activate && conda activate testbed"
+# the harness's commands for records without an eval_script (its MAP_REPO_VERSION_TO_SPECS, the
+# versions this project has seen); {tests}: labels (Django) or files (the others)
+DJANGO_TEST_CMD = "./tests/runtests.py --verbosity 2 --settings=test_sqlite --parallel 1 {tests}"
+SYMPY_TEST_CMD = (
+    "PYTHONWARNINGS='ignore::UserWarning,ignore::SyntaxWarning' bin/test -C --verbose {tests}"  # noqa: E501
+)
+PYTEST_TEST_CMD = "pytest --no-header -rA --tb=no -p no:cacheprovider {tests}"
+REPO_PARSERS = {  # the harness's parser per repository (swebench.harness.log_parsers)
+    "django/django": "parse_log_django",
+    "sympy/sympy": "parse_log_sympy",
+}
+IMAGE_STYLES = ("swebench", "swegym")
+HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
+
+
+def swebench_image(
+    instance_id: str,
+    namespace: str | None = "swebench",
+    arch: str = "x86_64",
+    style: str = "swebench",
+) -> str:
+    """The image the official harness (or SWE-Gym) names for an instance."""
+    if style == "swegym":
+        owner = namespace if namespace not in (None, "swebench") else "xingyaoww"
+        return f"{owner}/sweb.eval.{arch}.{instance_id}".replace("__", "_s_").lower()
+    if style != "swebench":
+        raise ValueError(f"image style must be one of {IMAGE_STYLES}, got {style!r}")
+    key = f"sweb.eval.{arch}.{instance_id}:latest"
+    if namespace:  # registries reject "__" in names: the harness writes it _1776_
+        key = f"{namespace}/{key}".replace("__", "_1776_")
+    return key.lower()
+
+
+def eval_script_test_cmd(script: str) -> str:
+    """The test command of a harness eval script: its set-up lines, then the lines between the
+    start and end markers; git lines and here-documents (the hidden test patch) dropped."""
+    lines = script.splitlines()
+    starts = [i for i, line in enumerate(lines) if START_MARKER in line]
+    ends = [i for i, line in enumerate(lines) if END_MARKER in line]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] <= starts[0]:
+        raise ValueError("eval_script has no single start / end test output markers")
+    setup, heredoc_end = [], None
+    for line in lines[: starts[0]]:
+        text = line.strip()
+        if heredoc_end is not None:
+            if text == heredoc_end:
+                heredoc_end = None
+            continue
+        match = HEREDOC.search(text)
+        if match:
+            heredoc_end = match.group(1)
+            continue
+        if not text or text.startswith(("#", "set -", "set +")) or re.match(r"git\b", text):
+            continue
+        setup.append(text)
+    tests = [line.strip() for line in lines[starts[0] + 1 : ends[0]] if line.strip()]
+    if not tests:
+        raise ValueError("eval_script runs no command between its test output markers")
+    return "\n".join(setup + tests)
+
+
+def django_labels(test_files: list[str]) -> list[str]:
+    """tests/queries/test_q.py -> queries.test_q (what runtests.py takes)."""
+    labels = []
+    for path in test_files:
+        if path.endswith(".py") and path.startswith("tests/"):
+            labels.append(path[len("tests/") : -len(".py")].replace("/", "."))
+    return labels
+
+
+def default_test_cmd(repo: str, test_files: list[str]) -> str:
+    """The harness's test command for a repository, on these test files."""
+    if repo == "django/django":
+        tests = django_labels(test_files)
+        template = DJANGO_TEST_CMD
+    else:
+        tests = [p for p in test_files if p.endswith(".py")]
+        template = SYMPY_TEST_CMD if repo == "sympy/sympy" else PYTEST_TEST_CMD
+    if not tests:
+        raise ValueError(f"the test patch touches no test file {repo} can run")
+    command = template.format(tests=" ".join(shlex.quote(t) for t in tests))
+    return f"{SWEBENCH_ACTIVATE} && cd {SWEBENCH_REPO_PATH} && {command}"
+
+
+def default_parser(repo: str) -> str:
+    """The harness's log parser for a repository (pytest's where it keeps none)."""
+    try:
+        from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY
+    except ImportError:
+        return REPO_PARSERS.get(repo, "parse_log_pytest")
+    parser = MAP_REPO_TO_PARSER_PY.get(repo)
+    return parser.__name__ if parser is not None else "parse_log_pytest"
+
+
+def from_swebench(
+    record: Mapping[str, Any],
+    *,
+    namespace: str | None = "swebench",
+    arch: str = "x86_64",
+    style: str = "swebench",
+) -> dict[str, Any]:
+    """A SWE-bench / SWE-Gym record as a native one (ValueError names a missing field)."""
+    from envs.swe.instances import patch_paths
+
+    for name in ("instance_id", "repo", "base_commit", "patch", "test_patch"):
+        if not isinstance(record.get(name), str) or not record[name].strip():
+            raise ValueError(f"SWE-bench record: field '{name}' must be a non-empty string")
+    native = dict(record)
+    native.setdefault("image", swebench_image(record["instance_id"], namespace, arch, style))
+    native.setdefault("repo_path", SWEBENCH_REPO_PATH)
+    native.setdefault("image_user", "image")
+    if not any(native.get(k) for k in ("test_cmd", "test_command", "eval_cmd")):
+        script = record.get("eval_script")
+        if isinstance(script, str) and script.strip():
+            native["test_cmd"] = eval_script_test_cmd(script)
+        else:
+            files = list(patch_paths(record["test_patch"]))
+            native["test_cmd"] = default_test_cmd(record["repo"], files)
+    native.setdefault("log_parser", record.get("log_parser") or default_parser(record["repo"]))
+    for key in ("FAIL_TO_PASS", "PASS_TO_PASS"):
+        if isinstance(native.get(key), str):
+            try:
+                native[key] = json.loads(native[key])
+            except json.JSONDecodeError:
+                raise ValueError(f"SWE-bench record: '{key}' is not a JSON list") from None
+    return native
+
+
+def native(record: Mapping[str, Any], **_: Any) -> Mapping[str, Any]:
+    return record
+
+
+ADAPTERS = {"native": native, "swebench": from_swebench}

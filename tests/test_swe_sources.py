@@ -1,0 +1,369 @@
+"""SWE data sources (envs/swe/sources.py): SWE-bench / SWE-Gym records read as the official
+harness reads them, graded with its log parsers, validated before training
+(envs/swe/validate.py, `python -m launch.validate_swe`), and run end to end on offline
+SWE-bench look-alike images (tests/swe_fixtures.py: /testbed, a conda-style env, root, a
+Django-style and a sympy-style runner) in Podman."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import swe_fixtures
+from conftest import require
+
+from envs.data import DataError
+from envs.swe.env import SWEEnv
+from envs.swe.instances import SWEInstance, instance_from_record, load_instances
+from envs.swe.scoring import (
+    FAIL,
+    PASS,
+    SKIP,
+    forged_results,
+    parse_test_output,
+    parse_with_harness,
+    resolved_from,
+    score_patch,
+)
+from envs.swe.sources import eval_script_test_cmd, from_swebench, swebench_image
+
+pytestmark = pytest.mark.timeout(600)
+REPO = Path(__file__).resolve().parents[1]
+
+RAW = {  # a SWE-bench Verified record as the dataset ships it (fields shortened)
+    "repo": "django/django",
+    "instance_id": "django__django-11099",
+    "base_commit": "d26b2424437dabeeca94d7900b37d2df4410da0c",
+    "patch": "diff --git a/django/contrib/auth/validators.py b/django/contrib/auth/validators.py\n",
+    "test_patch": (
+        "diff --git a/tests/auth_tests/test_validators.py b/tests/auth_tests/test_validators.py\n"
+        "--- a/tests/auth_tests/test_validators.py\n+++ b/tests/auth_tests/test_validators.py\n"
+    ),
+    "problem_statement": "UsernameValidator allows trailing newline in usernames",
+    "hints_text": "",
+    "created_at": "2019-03-20T03:46:18Z",
+    "version": "3.0",
+    "FAIL_TO_PASS": '["test_ascii_validator (auth_tests.test_validators.UsernameValidatorsTests)"]',
+    "PASS_TO_PASS": '["test_help_text (auth_tests.test_validators.MinimumLengthValidatorTest)"]',
+    "environment_setup_commit": "419a78300f7cd27611196e1e464d50fd0385ff27",
+}
+
+
+def instance(**fields) -> SWEInstance:
+    return instance_from_record(from_swebench({**RAW, **fields}, namespace=None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def test_image_names_follow_the_harness_and_swe_gym() -> None:
+    assert swebench_image("django__django-11099") == (
+        "swebench/sweb.eval.x86_64.django_1776_django-11099:latest"
+    )
+    assert (
+        swebench_image("Django__Django-1", namespace=None)
+        == "sweb.eval.x86_64.django__django-1:latest"
+    )
+    assert swebench_image("pandas-dev__pandas-5", arch="arm64") == (
+        "swebench/sweb.eval.arm64.pandas-dev_1776_pandas-5:latest"
+    )
+    assert swebench_image("getmoto__moto-7365", style="swegym") == (
+        "xingyaoww/sweb.eval.x86_64.getmoto_s_moto-7365"
+    )
+    with pytest.raises(ValueError, match="image style"):
+        swebench_image("a__b-1", style="dockerhub")
+
+
+def test_a_raw_swe_bench_record_loads_with_the_harness_command_and_parser() -> None:
+    """Without repo_dir or image (the dataset has neither), the record still makes an instance:
+    the harness's image, /testbed, its runtests.py command on the test patch's labels, its
+    Django parser, the image's own user."""
+    got = instance()
+    assert got.image == "sweb.eval.x86_64.django__django-11099:latest"
+    assert (got.repo_path, got.image_user, got.log_parser) == (
+        "/testbed",
+        "image",
+        "parse_log_django",
+    )
+    assert got.test_cmd.endswith(
+        "./tests/runtests.py --verbosity 2 --settings=test_sqlite --parallel 1 "
+        "auth_tests.test_validators"
+    )
+    assert got.test_cmd.startswith("source /opt/miniconda3/bin/activate && conda activate testbed")
+    assert got.fail_to_pass == (
+        "test_ascii_validator (auth_tests.test_validators.UsernameValidatorsTests)",
+    )
+    assert got.extra["version"] == "3.0" and got.extra["environment_setup_commit"]
+    sympy = instance(
+        repo="sympy/sympy",
+        test_patch="diff --git a/sympy/core/tests/test_n.py b/sympy/core/tests/test_n.py\n",
+    )
+    assert "bin/test -C --verbose sympy/core/tests/test_n.py" in sympy.test_cmd
+    assert sympy.log_parser == "parse_log_sympy"
+    other = instance(
+        repo="psf/requests", test_patch="diff --git a/tests/test_x.py b/tests/test_x.py\n"
+    )
+    assert other.test_cmd.endswith(
+        "pytest --no-header -rA --tb=no -p no:cacheprovider tests/test_x.py"
+    )
+    for missing in ("base_commit", "repo", "test_patch"):
+        with pytest.raises(ValueError, match=f"field '{missing}'"):
+            from_swebench({**RAW, missing: ""})
+
+
+def test_the_eval_script_gives_its_setup_and_test_lines_not_its_git_lines() -> None:
+    script = swe_fixtures.eval_script(
+        "abc123",
+        ["tests/x.py"],
+        "diff --git a/tests/x.py b/tests/x.py\n+evil\n",
+        "pytest -rA tests/x.py",
+    )
+    command = eval_script_test_cmd(script)
+    assert command.splitlines() == [
+        "source /opt/miniconda3/bin/activate",
+        "conda activate testbed",
+        "cd /testbed",
+        "cd /testbed",
+        "source /opt/miniconda3/bin/activate",
+        "conda activate testbed",
+        "export FIXTURE_SETUP=1",
+        "pytest -rA tests/x.py",
+    ]
+    assert "git" not in command and "evil" not in command
+    with pytest.raises(ValueError, match="markers"):
+        eval_script_test_cmd("#!/bin/bash\npytest\n")
+    got = instance(eval_script=script, log_parser="parse_log_pytest")
+    assert got.test_cmd == command and got.log_parser == "parse_log_pytest"
+
+
+def test_load_instances_reads_swebench_jsonl_and_refuses_an_unknown_parser(tmp_path) -> None:
+    path = tmp_path / "verified.jsonl"
+    path.write_text(json.dumps(RAW) + "\n" + json.dumps({**RAW, "instance_id": "x__y-1"}) + "\n")
+    got = load_instances(path, record_format="swebench", on_bad_line="error")
+    assert [i.instance_id for i in got] == ["django__django-11099", "x__y-1"]
+    assert got[0].image == "swebench/sweb.eval.x86_64.django_1776_django-11099:latest"
+    assert load_instances(path, on_bad_line="skip") == []  # native: no image, no repo_dir
+    path.write_text(json.dumps({**RAW, "log_parser": "parse_log_cobol"}) + "\n")
+    env = SWEEnv({"source": "swebench", "path": str(path), "validate_first": 0})
+    with pytest.raises(DataError, match="no log parser 'parse_log_cobol'"):
+        env.load_tasks("train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading
+
+
+DJANGO_LOG = """\
+test_mul (arith.tests.OpsTests) ... ok
+test_add (arith.tests.OpsTests) ... FAIL
+
+======================================================================
+FAIL: test_add (arith.tests.OpsTests)
+----------------------------------------------------------------------
+AssertionError: -1 != 5
+"""
+SYMPY_LOG = """\
+mathx/core/tests/test_numbers.py[2]
+test_igcd_basic ok
+test_igcd_negative F
+____________________ mathx/core/tests/test_numbers.py:test_igcd_negative ____________________
+"""
+
+
+def test_the_harness_parsers_and_its_grading() -> None:
+    django = instance(
+        FAIL_TO_PASS=["test_add (arith.tests.OpsTests)"],
+        PASS_TO_PASS=["test_mul (arith.tests.OpsTests)"],
+    )
+    results = parse_with_harness(django, DJANGO_LOG)
+    assert results["test_mul (arith.tests.OpsTests)"] == PASS
+    assert results["test_add (arith.tests.OpsTests)"] == FAIL
+    assert not resolved_from(django, results, 1)
+    clean = "test_mul (arith.tests.OpsTests) ... ok\ntest_add (arith.tests.OpsTests) ... ok\n"
+    passing = parse_with_harness(django, clean)
+    assert resolved_from(django, passing, 0)
+    # output that reports no failure from a command that failed is not believed
+    assert not resolved_from(django, passing, 1)
+    # a skipped PASS_TO_PASS test is no regression (the harness's rule); a skipped F2P is no fix
+    assert resolved_from(django, {**passing, "test_mul (arith.tests.OpsTests)": SKIP}, 0)
+    assert not resolved_from(django, {**passing, "test_add (arith.tests.OpsTests)": SKIP}, 0)
+    assert not resolved_from(django, {}, 0)
+    sympy = instance(
+        repo="sympy/sympy", FAIL_TO_PASS=["test_igcd_negative"], PASS_TO_PASS=["test_igcd_basic"]
+    )
+    results = parse_with_harness(sympy, SYMPY_LOG)
+    assert results["test_igcd_basic"] == PASS and results["test_igcd_negative"] == FAIL
+    assert resolved_from(
+        sympy,
+        parse_with_harness(sympy, SYMPY_LOG.replace("negative F", "negative ok").split("____")[0]),
+        0,
+    )
+
+
+def test_django_style_names_match_in_the_output_fallback() -> None:
+    """Without a harness parser, `test_x (module.Class)` names are compared as the runner
+    reports them, so SWE-bench's Django ids can pass."""
+    native = instance_from_record(
+        {
+            **RAW,
+            "image": "img",
+            "test_cmd": "./tests/runtests.py",
+            "FAIL_TO_PASS": ["test_add (arith.tests.OpsTests)"],
+            "PASS_TO_PASS": [],
+        }
+    )
+    assert native.log_parser is None
+    results = parse_test_output(DJANGO_LOG.replace("... FAIL", "... ok"))
+    assert resolved_from(native, results, 0)
+    assert not resolved_from(native, parse_test_output(DJANGO_LOG), 1)
+
+
+def test_a_patch_that_names_the_hidden_tests_is_flagged() -> None:
+    """Output can be forged by the code under test; to forge a result line it must name the
+    test. Source lines that do (and the oracle does not) are tampering."""
+    django = instance(FAIL_TO_PASS=["test_add (arith.tests.OpsTests)"], PASS_TO_PASS=[])
+    forged = {"calc/ops.py": ["print('test_add (arith.tests.OpsTests) ... ok')"]}
+    assert forged_results(forged, django) and "test_add" in forged_results(forged, django)[0]
+    data = {"calc/names.txt": ["test_add"]}  # a data file read by code counts too
+    assert forged_results(data, django)
+    assert forged_results({"calc/ops.py": ["    return a + b"]}, django) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline SWE-bench look-alikes in Podman
+
+
+@pytest.fixture(scope="module")
+def lookalikes(tmp_path_factory):
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+
+    reason = docker_unavailable_reason()
+    require("docker", reason is None, reason or "")
+    root = tmp_path_factory.mktemp("swebench")
+    built = swe_fixtures.build(root, shared_client(resolve_docker_host()))
+    path = root / "instances.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in built["records"].values()))
+    return {"path": path, "wrong": built["wrong"], "root": root}
+
+
+def swe_env(path: Path, **overrides) -> SWEEnv:
+    config = {
+        "source": "swebench",
+        "path": str(path),
+        "backend": "docker",
+        "image_namespace": None,
+        "command_timeout_s": 30.0,
+        "scoring_timeout_s": 120.0,
+        "validate_first": 0,
+    }
+    return SWEEnv({**config, **overrides})
+
+
+def test_validate_swe_passes_every_fixture_and_names_a_broken_one(lookalikes, tmp_path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "launch.validate_swe",
+        str(lookalikes["path"]),
+        "--source",
+        "swebench",
+        "--image-namespace",
+        "",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:4]]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        (name, "ok", "+1", "-1")
+        for name in ("fixture__djangoish-1", "fixture__djangoish-2", "fixture__sympyish-1")
+    ]
+    assert "3/3 instances valid" in done.stdout
+    # a gold patch that does not apply: named, exit 1
+    records = [json.loads(line) for line in lookalikes["path"].read_text().splitlines()]
+    records[2]["patch"] = records[2]["patch"].replace("-    return a", "-    return a  # not there")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = subprocess.run(
+        [*command[:3], str(broken), *command[4:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed: fixture__sympyish-1" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("fixture__sympyish-1"))
+    assert "FAIL" in row and "gold patch does not apply" in row
+    # and a run on that data refuses to start, naming the instance
+    env = swe_env(broken, validate_first=3)
+    with pytest.raises(DataError, match="fixture__sympyish-1.*failed validation"):
+        env.load_tasks("train")
+
+
+def test_wrong_patches_score_minus_one(lookalikes) -> None:
+    env = swe_env(lookalikes["path"])
+    spec = env.config.sandbox_spec()
+    for inst in env.instances():
+        verdict = score_patch(inst, lookalikes["wrong"][inst.instance_id], spec, timeout_s=120)
+        assert (verdict.status, verdict.applied, verdict.resolved) == ("ok", True, False), (
+            verdict.info()
+        )
+        assert verdict.reward == -1.0 and verdict.integrity == "stdout"
+
+
+def test_the_image_environment_and_user_are_kept(lookalikes) -> None:
+    from sandbox import make_sandbox
+
+    image = swebench_image("fixture__sympyish-1", namespace=None)
+    with make_sandbox(
+        "docker", image=image, user="image", workdir_mb=None, read_only=False, workdir="/testbed"
+    ) as box:
+        result = box.exec(
+            "echo $PATH; id -u; . /opt/miniconda3/bin/activate && conda activate testbed && python -c 'import testbed_env; print(testbed_env.NAME)'",
+            timeout=30,
+        )
+    lines = result.stdout_text.split()
+    assert (
+        lines[0].startswith("/opt/miniconda3/bin:") and lines[1] == "0" and lines[2] == "testbed"
+    ), result
+
+
+def test_a_scripted_agent_fixes_a_swe_bench_instance(lookalikes) -> None:
+    env = swe_env(lookalikes["path"])
+    task = next(
+        t
+        for t in env.load_tasks("train") + env.load_tasks("test")
+        if t.payload["instance_id"] == "fixture__djangoish-1"
+    )
+    replies = [
+        "<tool: bash>\nsource /opt/miniconda3/bin/activate && conda activate testbed && ./tests/runtests.py --verbosity 2 arith.tests 2>&1 | tail -2; echo $CONDA_DEFAULT_ENV\n</tool>",
+        "<tool: edit>\ncalc/ops.py\n<<<<<<< SEARCH\n    return a - b\n=======\n    return a + b\n>>>>>>> REPLACE\n</tool>",
+        "<tool: bash>\ngit diff > /tmp/fix.patch && head -1 /tmp/fix.patch\n</tool>",
+        "<tool: submit>\n/tmp/fix.patch\n</tool>",
+        "Fixed add().",
+    ]
+
+    async def episode():
+        results = []
+        try:
+            first = await env.reset(task)
+            for reply in replies:
+                results.append(await env.step(reply))
+                if results[-1].done:
+                    break
+            return first, results
+        finally:
+            await env.close()
+
+    first, results = asyncio.run(episode())
+    assert "repository is at /testbed" in first[1]["content"]
+    texts = [r.messages[0]["content"] for r in results[:-1]]
+    assert "OK" in texts[0] and "testbed" in texts[0]
+    assert texts[2].startswith("diff --git a/calc/ops.py")
+    last = results[-1]
+    assert (last.done, last.status, last.reward) == (True, "ok", 1.0), last.info
