@@ -106,6 +106,15 @@ class Environment(abc.ABC):
         results). An env with a token budget (SWE: the budget note) keeps it; others ignore it."""
 
     @classmethod
+    def episode_seconds(cls, config: Any) -> float | None:
+        """The longest one episode may take by this env's own limits (its deadline, then its
+        scoring), or None when it sets none. The run's `rollout.episode_timeout_s` must exceed
+        it (rl/config.py): the rollout's cut-off is an excluded timeout, and must not pre-empt
+        the env's own end of an episode that overran its budget (the agent's failure, trained
+        on)."""
+        return None
+
+    @classmethod
     def validate_config(cls, raw: Mapping | None) -> Any:
         """This env's config dataclass from a mapping (or None: the defaults), merged as the run
         config is (rl/schema.py); a ConfigError names the bad key as the run config spells it,

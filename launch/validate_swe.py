@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from envs.data import DataError
-from envs.swe.env import SWEConfig, SWEEnv
+from envs.swe.env import SWEEnv
 from envs.swe.validate import HEADER, check_instances
 from rl.schema import ConfigError
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docker-host", default=None)
     parser.add_argument("--image-namespace", default="swebench", help="'' for local names")
     parser.add_argument("--image-style", default="swebench", choices=["swebench", "swegym"])
-    parser.add_argument("--memory-mb", type=int, default=SWEConfig.memory_mb)
+    parser.add_argument("--memory-mb", type=int, default=None, help="default: 12 GB")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
     parser.add_argument("--allow-unisolated", action="store_true")
     args = parser.parse_args(argv)

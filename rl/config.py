@@ -335,7 +335,15 @@ def _check(cfg: RunConfig) -> None:
             env_cls = registry.get(name)
         except KeyError as e:
             raise ConfigError(f"key 'envs.{name}': {e.args[0]}") from None
-        env_cls.validate_config(section.config)
+        env_config = env_cls.validate_config(section.config)
+        longest = env_cls.episode_seconds(env_config)
+        if longest is not None and r.episode_timeout_s <= longest:
+            raise ConfigError(
+                f"key 'rollout.episode_timeout_s' is {r.episode_timeout_s:g} s but an episode of "
+                f"env '{name}' may take {longest:g} s by its own limits (its deadline, then "
+                f"scoring): the rollout would cut it off as an excluded timeout instead of the "
+                f"env ending it as the agent's failure; raise it above {longest:g}"
+            )
     if not any(section.weight > 0 for section in cfg.envs.values()):
         raise ConfigError("key 'envs': every environment has weight 0, nothing would be sampled")
     try:

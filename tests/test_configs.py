@@ -42,6 +42,22 @@ def test_cwm_multitask_is_cwm_s_recipe(tmp_path, monkeypatch):
     assert cfg.model.path == str(tmp_path / "cwm")
 
 
+def test_swe_gym_config_names_swe_gym_images_and_ends_overruns_in_the_env(tmp_path, monkeypatch):
+    tiny = CWM(CWMConfig.preset("tiny"))
+    save_pretrained(tiny, tmp_path / "cwm")
+    monkeypatch.setenv("CWM_CHECKPOINT", str(tmp_path / "cwm"))
+    cfg = load_config(CONFIGS / "swe_gym.yaml")
+    from envs.swe.env import SWEEnv
+
+    swe = SWEEnv.validate_config(cfg.envs["swe"].config)
+    assert (swe.source, swe.image_style, swe.backend) == ("swebench", "swegym", "docker")
+    assert swe.memory_mb == 12288 and swe.validate_first > 0 and swe.reasoning
+    assert cfg.rollout.episode_timeout_s > swe.episode_timeout_s + swe.scoring_timeout_s
+    # the rollout's cut-off (an excluded timeout) may not pre-empt the env's own end
+    with pytest.raises(ConfigError, match="rollout.episode_timeout_s.*env 'swe'"):
+        load_config(CONFIGS / "swe_gym.yaml", ["rollout.episode_timeout_s=3700"])
+
+
 def test_failures_section_has_run_safe_defaults():
     cfg = load_config(CONFIGS / "smoke.yaml")
     f = cfg.failures

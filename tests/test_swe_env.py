@@ -160,6 +160,26 @@ def test_scripted_agent_solves_a_task_end_to_end(tasks_dir) -> None:
     print(f"episode of {len(results)} steps in {took:.1f} s")
 
 
+def test_reasoning_mode_reads_the_call_after_think_only(tasks_dir) -> None:
+    """A call inside <think> is reasoning, not an action; a reply without </think> is a format
+    error (require_think)."""
+    env = make_env(tasks_dir, reasoning=True)
+    task = task_by_id(env, TASK_ID)
+    replies = [
+        "<think>\nmaybe\n<tool: bash>\ntouch THOUGHT\n</tool>\n</think>\n"
+        "<tool: bash>\nls THOUGHT 2>&1; echo acted\n</tool>",
+        "<think>\nno call after the reasoning\n</think>\nI am not sure yet.",
+        "<tool: bash>\necho no think\n</tool>",
+    ]
+    first, results = run(episode(env, task, replies))
+    assert "Only the text after </think> is read" in first[0]["content"]
+    texts = [r.messages[0]["content"] for r in results]
+    assert "No such file" in texts[0] and "acted" in texts[0]  # the thought's call never ran
+    assert texts[1].startswith("Format error: no tool call")
+    assert texts[2].startswith("Format error: no </think> closing the reasoning")
+    assert env._info["format_errors"] == 2
+
+
 def test_tool_errors_are_reported_and_the_episode_goes_on(tasks_dir) -> None:
     env = make_env(tasks_dir)
     task = task_by_id(env, TASK_ID)

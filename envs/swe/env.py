@@ -73,6 +73,14 @@ is the path, the rest is the content.
 </tool>
 After submitting, reply without a tool call to finish (or keep working and submit again)."""
 
+THINK_NOTE = """
+
+You always reason before responding, using the following format:
+<think>
+your internal reasoning
+</think>
+your external response, with its tool call. Only the text after </think> is read for a call."""
+
 USER_PROMPT = """\
 The repository is at {repo_path}. Resolve this issue:
 
@@ -114,7 +122,10 @@ class SWEConfig:
     use_task_images: bool = True
     docker_host: str | None = None
     allow_unisolated: bool = False
-    memory_mb: int = 2048
+    # per-episode sandbox limits: memory (None: 2048 MB for the builtin tasks, CWM's 12 GB for
+    # real repositories), CPUs (docker's quota; None: unlimited), processes
+    memory_mb: int | None = None
+    cpus: float | None = 1.0
     max_processes: int = 128
     max_turns: int = 30
     max_tokens: int = 32768
@@ -127,6 +138,11 @@ class SWEConfig:
     reward_scale: float = 1.0
     similarity_threshold: float = 0.5
     system_prompt: str | None = None  # replaces the default (which describes the tools)
+    # reasoning mode (CWM's): a reply is <think>...</think> then the response; the tool call is
+    # read from the text after </think> only (a call inside the reasoning is not run), and a
+    # reply without </think> is a format error when `require_think`
+    reasoning: bool = False
+    require_think: bool = True
     leak_check: bool = False  # reset checks the workspace for the hidden tests and the oracle
     # before training, the first N instances of the data are validated (envs.swe.validate: gold
     # patch +1, empty patch unresolved, image present) and a failure refuses the run, naming
@@ -141,7 +157,10 @@ class SWEConfig:
         require_config(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         for key in ("max_turns", "max_tokens", "max_output_chars", "max_processes"):
             require_config(getattr(self, key) >= 1, key, "must be >= 1")
+        if self.memory_mb is None:
+            self.memory_mb = 2048 if self.source == "builtin" else 12288
         require_config(self.memory_mb >= 128, "memory_mb", "must be >= 128")
+        require_config(self.cpus is None or self.cpus > 0, "cpus", "must be > 0 (or None)")
         for key in ("command_timeout_s", "episode_timeout_s", "scoring_timeout_s"):
             require_config(getattr(self, key) > 0, key, "must be > 0")
         require_config(
@@ -161,6 +180,7 @@ class SWEConfig:
         return SandboxSpec(
             backend=self.backend,
             memory_mb=self.memory_mb,
+            cpus=self.cpus,
             max_processes=self.max_processes,
             use_task_images=self.use_task_images,
             docker_host=self.docker_host,
@@ -174,6 +194,11 @@ class SWEEnv(Environment):
 
     name = "swe"
     config_cls = SWEConfig
+
+    @classmethod
+    def episode_seconds(cls, config: SWEConfig) -> float:
+        # the agent's deadline, then scoring (which does not count against it)
+        return config.episode_timeout_s + config.scoring_timeout_s
 
     def __init__(self, config: SWEConfig | Mapping | None = None) -> None:
         super().__init__(config)
@@ -285,7 +310,9 @@ class SWEEnv(Environment):
     # -- episode ----------------------------------------------------------------------------
 
     def prompt_messages(self, instance: SWEInstance, repo_path: str) -> list[Message]:
-        system = self.config.system_prompt or SYSTEM_PROMPT
+        system = self.config.system_prompt or (
+            SYSTEM_PROMPT + THINK_NOTE if self.config.reasoning else SYSTEM_PROMPT
+        )
         user = USER_PROMPT.format(repo_path=repo_path, problem=instance.problem_statement)
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
@@ -329,8 +356,15 @@ class SWEEnv(Environment):
             raise RuntimeError("SWEEnv.step() called after the episode ended; call reset()")
         self._turns += 1
         self._chars += len(assistant_text)
+        response = assistant_text
+        if self.config.reasoning:
+            _, closed, response = assistant_text.rpartition("</think>")
+            if not closed:
+                if self.config.require_think:
+                    return await self._format_error("no </think> closing the reasoning")
+                response = assistant_text
         try:
-            call = tools.parse_tool_call(assistant_text)
+            call = tools.parse_tool_call(response)
         except tools.FormatError as e:
             return await self._format_error(str(e))
         if call is None:
