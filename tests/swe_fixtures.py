@@ -351,3 +351,87 @@ def build(root: Path, client) -> dict[str, dict]:
         "fixture__sympyish-1": sympy_wrong,
     }
     return {"records": records, "wrong": wrong}
+
+
+# ---------------------------------------------------------------------------------------------
+# SWE-smith look-alikes: one image per repository (the clean code at /testbed), bugs introduced
+# by patches on branches named after the instances (the third instance's branch is missing from
+# the image: it starts from its patch)
+
+STATS = """\
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def median(xs):
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def clamp(x, low, high):
+    return max(low, min(x, high))
+"""
+STATS_TESTS = """\
+import unittest
+
+from stats import clamp, mean, median
+
+
+class StatsTests(unittest.TestCase):
+    def test_mean(self):
+        self.assertEqual(mean([1, 2, 3, 4]), 2.5)
+
+    def test_median(self):
+        self.assertEqual(median([3, 1, 4, 2]), 2.5)
+
+    def test_clamp(self):
+        self.assertEqual(clamp(12, 0, 10), 10)
+"""
+SMITH_BUGS = {  # instance -> (the buggy text of stats.py, the test it breaks)
+    "fixture__smithish.c0ffee.func_pm_op_change__mean1": (
+        STATS.replace("/ len(xs)", "/ (len(xs) - 1)"),
+        "test_mean",
+    ),
+    "fixture__smithish.c0ffee.func_pm_remove_assign__med2": (
+        STATS.replace("(s[mid - 1] + s[mid]) / 2", "s[mid]"),
+        "test_median",
+    ),
+    "fixture__smithish.c0ffee.func_pm_ctrl_shuffle__clp3": (
+        STATS.replace("max(low, min(x, high))", "min(low, max(x, high))"),
+        "test_clamp",
+    ),
+}
+SMITH_IMAGE = "fixture/swesmith.x86_64.smithish.c0ffee"
+SMITH_TEST_CMD = "python3 -m unittest -v tests.test_stats"
+
+
+def build_swesmith(root: Path, client) -> dict[str, dict]:
+    repo, _ = _repo(
+        root / "smithish",
+        {"stats.py": STATS, "tests/__init__.py": "", "tests/test_stats.py": STATS_TESTS},
+    )
+    records, wrong = {}, {}
+    for k, (instance_id, (buggy, broken)) in enumerate(SMITH_BUGS.items()):
+        bug = diff(repo, {"stats.py": buggy})
+        if k < 2:  # the image holds these instances' branches
+            _git(repo, "checkout", "-q", "-b", instance_id)
+            (repo / "stats.py").write_text(buggy)
+            _git(repo, "commit", "-q", "-am", "bug")
+            _git(repo, "checkout", "-q", "main")
+        names = [
+            f"tests.test_stats.StatsTests.{t}" for t in ("test_mean", "test_median", "test_clamp")
+        ]
+        records[instance_id] = {
+            "instance_id": instance_id,
+            "repo": "swesmith/fixture__smithish.c0ffee",
+            "patch": bug,
+            "FAIL_TO_PASS": [n for n in names if n.endswith(broken)],
+            "PASS_TO_PASS": [n for n in names if not n.endswith(broken)],
+            "image_name": SMITH_IMAGE,
+            "problem_statement": f"{broken[5:]}() gives wrong results.",
+            "test_cmd": SMITH_TEST_CMD,
+        }
+        wrong[instance_id] = diff(repo, {"util.py": WRONG_INIT})
+    build_image(client, repo, SMITH_IMAGE)
+    return {"records": records, "wrong": wrong, "repo": repo}

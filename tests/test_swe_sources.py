@@ -29,7 +29,7 @@ from envs.swe.scoring import (
     resolved_from,
     score_patch,
 )
-from envs.swe.sources import eval_script_test_cmd, from_swebench, swebench_image
+from envs.swe.sources import eval_script_test_cmd, from_swebench, from_swesmith, swebench_image
 
 pytestmark = pytest.mark.timeout(600)
 REPO = Path(__file__).resolve().parents[1]
@@ -367,3 +367,121 @@ def test_a_scripted_agent_fixes_a_swe_bench_instance(lookalikes) -> None:
     assert texts[2].startswith("diff --git a/calc/ops.py")
     last = results[-1]
     assert (last.done, last.status, last.reward) == (True, "ok", 1.0), last.info
+
+
+# ---------------------------------------------------------------------------------------------
+# SWE-smith
+
+
+def test_reverse_patch_undoes_a_patch(tmp_path) -> None:
+    """Applying a patch and then its reverse gives the original tree back (edits, a new file,
+    a deleted file, a rename)."""
+    repo, _ = swe_fixtures._repo(
+        tmp_path / "r", {"a.py": "x = 1\ny = 2\n", "b.py": "gone\n", "c.py": "move me\n"}
+    )
+    (repo / "a.py").write_text("x = 1\ny = 3\nz = 4\n")
+    (repo / "new.py").write_text("fresh\n")
+    (repo / "b.py").unlink()
+    swe_fixtures._git(repo, "mv", "c.py", "d.py")
+    swe_fixtures._git(repo, "add", "-A")
+    patch = swe_fixtures._git(repo, "diff", "--cached", "-M") + "\n"
+    swe_fixtures._git(repo, "commit", "-q", "-m", "change")
+    after = swe_fixtures._git(repo, "rev-parse", "HEAD^{tree}")
+    reverse = tmp_path / "reverse.patch"
+    reverse.write_text(
+        from_swesmith(
+            {"instance_id": "i", "patch": patch, "problem_statement": "p", "image_name": "x"}
+        )["patch"]
+    )
+    swe_fixtures._git(repo, "apply", "--index", str(reverse))
+    assert swe_fixtures._git(repo, "write-tree") == swe_fixtures._git(
+        repo, "rev-parse", "HEAD~1^{tree}"
+    )
+    assert swe_fixtures._git(repo, "write-tree") != after
+    with pytest.raises(ValueError, match="image_name"):
+        from_swesmith({"instance_id": "i", "patch": patch, "problem_statement": "p"})
+
+
+@pytest.fixture(scope="module")
+def smith(tmp_path_factory):
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+
+    reason = docker_unavailable_reason()
+    require("docker", reason is None, reason or "")
+    root = tmp_path_factory.mktemp("swesmith")
+    built = swe_fixtures.build_swesmith(root, shared_client(resolve_docker_host()))
+    path = root / "instances.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in built["records"].values()))
+    return {"path": path, "wrong": built["wrong"], "repo": built["repo"]}
+
+
+def test_validate_swe_passes_the_swesmith_fixtures_and_wrong_patches_fail(smith) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "launch.validate_swe",
+        str(smith["path"]),
+        "--source",
+        "swesmith",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3/3 instances valid" in done.stdout
+    env = SWEEnv(
+        {"source": "swesmith", "path": str(smith["path"]), "backend": "docker", "validate_first": 0}
+    )
+    spec = env.config.sandbox_spec()
+    for inst in env.instances():
+        assert inst.base_branch == inst.instance_id and inst.base_patch
+        verdict = score_patch(inst, smith["wrong"][inst.instance_id], spec, timeout_s=120)
+        assert (verdict.status, verdict.applied, verdict.resolved, verdict.reward) == (
+            "ok",
+            True,
+            False,
+            -1.0,
+        ), verdict.info()
+        assert verdict.integrity.startswith("report")  # a unittest command: the scorer's runner
+
+
+def test_a_swesmith_episode_starts_from_the_bug_with_the_fix_unreachable(smith) -> None:
+    """Both ways in (the image's branch, or the bug patch where the branch is missing) start at
+    the buggy code with a history in which the clean commit (the fix) cannot be found."""
+    env = SWEEnv(
+        {
+            "source": "swesmith",
+            "path": str(smith["path"]),
+            "backend": "docker",
+            "validate_first": 0,
+            "command_timeout_s": 30.0,
+        }
+    )
+    clean = swe_fixtures._git(smith["repo"], "rev-parse", "main")
+    tasks = {t.payload["instance_id"]: t for t in env.load_tasks("train") + env.load_tasks("test")}
+    for instance_id, (buggy, _) in list(swe_fixtures.SMITH_BUGS.items())[1:]:
+        task = tasks[instance_id]
+        replies = [
+            f"<tool: bash>\ngit log --all --oneline | wc -l; git cat-file -t {clean} 2>&1 | head -1; git status --short | wc -l\n</tool>",
+            "<tool: bash>\ncat stats.py\n</tool>",
+            f"<tool: create>\n/tmp/fix.patch\n{task.payload['patch']}</tool>",
+            "<tool: submit>\n/tmp/fix.patch\n</tool>",
+            "Done.",
+        ]
+
+        async def episode(task=task, replies=replies):
+            results = []
+            try:
+                await env.reset(task)
+                for reply in replies:
+                    results.append(await env.step(reply))
+                    if results[-1].done:
+                        break
+                return results
+            finally:
+                await env.close()
+
+        results = asyncio.run(episode())
+        texts = [r.messages[0]["content"] for r in results[:-1]]
+        history, missing, dirty = texts[0].split("\n")[:3]
+        assert history == "1" and "fatal" in missing and dirty == "0", texts[0]
+        assert buggy.strip() in texts[1]
+        assert (results[-1].status, results[-1].reward) == ("ok", 1.0), results[-1].info

@@ -96,7 +96,8 @@ class SWEConfig:
     split, else a hashed `test_fraction` of `path`) or "swebench" (JSONL of SWE-bench / SWE-bench
     Verified / SWE-Gym records, read as envs.swe.sources says: images named as the harness names
     them, under `image_namespace` (None: locally built names) in `image_style` "swebench" or
-    "swegym", for `image_arch`).
+    "swegym", for `image_arch`) or "swesmith" (JSONL of SWE-smith records: the bug patch on the
+    instance's branch, the oracle its reverse). See envs/swe/sources.py.
     backend: the sandbox ("local" or "docker"); `use_task_images` runs docker sandboxes in the
     instance's image when it names one (built with `build_tasks --images`), else the repository
     is copied into a `cwm-rl/host` container. `allow_unisolated`: let the local sandbox run
@@ -106,7 +107,7 @@ class SWEConfig:
     Reward: +reward_scale resolved; 0 if similarity >= similarity_threshold; else -reward_scale.
     """
 
-    source: Literal["builtin", "jsonl", "swebench"] = "builtin"
+    source: Literal["builtin", "jsonl", "swebench", "swesmith"] = "builtin"
     path: str | None = None
     test_path: str | None = None
     tasks_dir: str | None = None
@@ -240,7 +241,7 @@ class SWEEnv(Environment):
             path,
             default_test_cmd=config.default_test_cmd,
             on_bad_line=config.on_bad_line,
-            record_format="swebench" if config.source == "swebench" else "native",
+            record_format=config.source if config.source in ("swebench", "swesmith") else "native",
             **options,
         )
         if not instances:

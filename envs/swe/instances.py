@@ -73,6 +73,11 @@ class SWEInstance:
     # -v / pytest -rA lines) or a parser of the SWE-bench harness (`parse_log_django`...),
     # graded as the harness grades (a skipped PASS_TO_PASS test is no regression)
     log_parser: str | None = None
+    # where the episode starts when it is not the repository's HEAD (SWE-smith): `base_branch`
+    # checked out where the repository has it, else `base_patch` applied to HEAD; either way
+    # re-committed as a root commit, so the commit before (the fix) is unreachable and scrubbed
+    base_branch: str | None = None
+    base_patch: str = ""
     extra: dict = field(default_factory=dict)  # other fields of the record, kept for analysis
 
     def __post_init__(self) -> None:
@@ -178,6 +183,7 @@ def instance_from_record(
     known = set(ID_FIELDS + PROBLEM_FIELDS + PATCH_FIELDS + IMAGE_FIELDS + TEST_CMD_FIELDS)
     known |= {"test_patch", "FAIL_TO_PASS", "PASS_TO_PASS", "fail_to_pass", "pass_to_pass"}
     known |= {"base_commit", "repo", "repo_dir", "repo_path", "image_user", "log_parser"}
+    known |= {"base_branch", "base_patch"}
     extra = {k: v for k, v in record.items() if k not in known}
     return SWEInstance(
         instance_id=str(instance_id),
@@ -194,6 +200,8 @@ def instance_from_record(
         repo_path=str(record.get("repo_path") or DEFAULT_REPO_PATH),
         image_user=str(record.get("image_user") or "root"),
         log_parser=record.get("log_parser") or None,
+        base_branch=record.get("base_branch") or None,
+        base_patch=str(record.get("base_patch") or ""),
         extra=extra,
     )
 

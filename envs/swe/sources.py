@@ -3,6 +3,13 @@ the fields an instance needs (envs.swe.instances): the image, the repository's p
 runs commands there, the test command, the hidden tests and the log parser.
 
 - "native": this project's field names (and the SWE-bench names it has always read); as is.
+- "swesmith": SWE-smith records. An instance is a bug *introduced* into a clean repository by
+  its `patch`, on a branch named after the instance; the image (`image_name`) holds the clean
+  repository at /testbed. The episode starts from the instance's branch where the image has it,
+  else from the bug patch applied to the clean commit, re-committed as a root commit so that
+  the clean commit (the fix) is unreachable and scrubbed away (envs.swe.workspace); the oracle
+  is the bug patch reversed. Tests: the record's command, else SWE-smith's default pytest run
+  (under the scorer's runner); FAIL_TO_PASS / PASS_TO_PASS as pytest ids.
 - "swebench": SWE-bench, SWE-bench Verified / Lite and SWE-Gym records (one schema). The image
   is named as the official harness names it: `sweb.eval.<arch>.<instance_id>:latest`, under a
   registry namespace (default "swebench", Docker Hub) with `__` written `_1776_`, all lower
@@ -160,8 +167,80 @@ def from_swebench(
     return native
 
 
+SWESMITH_TEST_CMD = "pytest --disable-warnings --color=no --tb=no --verbose"
+
+
+def reverse_patch(patch: str) -> str:
+    """The git diff that undoes `patch` (old and new sides swapped: file headers, modes,
+    renames, index lines, hunk ranges, + and - lines)."""
+    out: list[str] = []
+    lines = patch.splitlines()
+    i = 0
+    hunk = re.compile(r"^@@ -(\d+(?:,\d+)?) \+(\d+(?:,\d+)?) @@(.*)$")
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("diff --git "):
+            match = re.match(r"^diff --git a/(\S+) b/(\S+)$", line)
+            out.append(f"diff --git a/{match[2]} b/{match[1]}" if match else line)
+        elif line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
+            old, new = line[4:], lines[i + 1][4:]
+            out.append("--- " + ("a/" + new[2:] if new.startswith("b/") else new))
+            out.append("+++ " + ("b/" + old[2:] if old.startswith("a/") else old))
+            i += 1
+        elif line.startswith(("new file mode ", "deleted file mode ")):
+            kind, mode = ("deleted", line[14:]) if line.startswith("new") else ("new", line[18:])
+            out.append(f"{kind} file mode {mode}")
+        elif line.startswith(("rename from ", "rename to ")):
+            out.append(
+                ("rename to " + line[12:])
+                if line.startswith("rename from")
+                else ("rename from " + line[10:])
+            )
+        elif line.startswith(("old mode ", "new mode ")):
+            out.append(
+                ("new mode " + line[9:]) if line.startswith("old") else ("old mode " + line[9:])
+            )
+        elif line.startswith("index "):
+            match = re.match(r"^index (\w+)\.\.(\w+)(.*)$", line)
+            out.append(f"index {match[2]}..{match[1]}{match[3]}" if match else line)
+        elif hunk.match(line):
+            match = hunk.match(line)
+            out.append(f"@@ -{match[2]} +{match[1]} @@{match[3]}")
+        elif line[:1] == "+":
+            out.append("-" + line[1:])
+        elif line[:1] == "-":
+            out.append("+" + line[1:])
+        else:
+            out.append(line)
+        i += 1
+    # rename headers come as "rename from / rename to": keep that order after the swap
+    for k in range(len(out) - 1):
+        if out[k].startswith("rename to ") and out[k + 1].startswith("rename from "):
+            out[k], out[k + 1] = out[k + 1], out[k]
+    return "\n".join(out) + ("\n" if patch.endswith("\n") else "")
+
+
+def from_swesmith(record: Mapping[str, Any], **_: Any) -> dict[str, Any]:
+    """A SWE-smith record as a native one (ValueError names a missing field)."""
+    for name in ("instance_id", "patch", "problem_statement"):
+        if not isinstance(record.get(name), str) or not record[name].strip():
+            raise ValueError(f"SWE-smith record: field '{name}' must be a non-empty string")
+    if not any(isinstance(record.get(k), str) and record[k] for k in ("image_name", "image")):
+        raise ValueError("SWE-smith record: field 'image_name' (the repository's image) is missing")
+    native = dict(record)
+    native["patch"] = reverse_patch(record["patch"])
+    native["base_patch"] = record["patch"]
+    native.setdefault("base_branch", record["instance_id"])
+    native.setdefault("test_patch", "")
+    native.setdefault("repo_path", SWEBENCH_REPO_PATH)
+    native.setdefault("image_user", "image")
+    if not any(native.get(k) for k in ("test_cmd", "test_command", "eval_cmd")):
+        native["test_cmd"] = SWESMITH_TEST_CMD
+    return native
+
+
 def native(record: Mapping[str, Any], **_: Any) -> Mapping[str, Any]:
     return record
 
 
-ADAPTERS = {"native": native, "swebench": from_swebench}
+ADAPTERS = {"native": native, "swebench": from_swebench, "swesmith": from_swesmith}

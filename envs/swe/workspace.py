@@ -51,7 +51,7 @@ DOCKER_ENV = {
 
 SETUP_SCRIPT = r"""
 set -e
-state=$1; repo=$2; tarball=$3; scrub=$4
+state=$1; repo=$2; tarball=$3; scrub=$4; branch=$5; basepatch=$6
 mkdir -p "$state"
 if [ -n "$tarball" ]; then
   mkdir -p "$repo"
@@ -59,6 +59,22 @@ if [ -n "$tarball" ]; then
   rm -f "$tarball"
 fi
 cd "$repo"
+if [ -n "$branch" ] || [ -n "$basepatch" ]; then  # start elsewhere than HEAD (SWE-smith)
+  if [ -n "$branch" ] && git rev-parse -q --verify "refs/heads/$branch" >/dev/null; then
+    git checkout -q -f "$branch"
+  elif [ -n "$basepatch" ]; then
+    git apply --whitespace=nowarn "$basepatch" || { echo "the base patch does not apply" >&2; exit 4; }
+  else
+    echo "the instance's branch $branch is missing and it has no base patch" >&2; exit 4
+  fi
+  rm -f "$basepatch"
+  git add -A
+  tree=$(git write-tree)
+  root=$(GIT_AUTHOR_NAME=swe GIT_AUTHOR_EMAIL=swe@localhost GIT_AUTHOR_DATE=2001-01-01T00:00:00Z \
+    GIT_COMMITTER_NAME=swe GIT_COMMITTER_EMAIL=swe@localhost GIT_COMMITTER_DATE=2001-01-01T00:00:00Z \
+    git commit-tree "$tree" -m "base")
+  git reset -q --hard "$root"  # a root commit: the commit before it (the fix) is unreachable
+fi
 if [ "$scrub" = 1 ]; then
   for remote in $(git remote); do git remote remove "$remote"; done
   head_ref=$(git symbolic-ref -q HEAD || true)
@@ -243,8 +259,13 @@ def open_workspace(instance: SWEInstance, spec: SandboxSpec, *, scrub: bool) -> 
             assert instance.repo_dir is not None
             tarball = posixpath.join(state_dir, "repo.tar")
             sandbox.write_file(f"{STATE_DIR}/repo.tar", repo_tar(instance.repo_dir))
+        base_patch = ""
+        if instance.base_patch:
+            base_patch = posixpath.join(state_dir, "base.patch")
+            sandbox.write_file(f"{STATE_DIR}/base.patch", instance.base_patch)
         argv = ["bash", "-c", SETUP_SCRIPT, "swe-setup", state_dir, repo_path, tarball]
-        result = sandbox.exec([*argv, "1" if scrub else "0"], SETUP_TIMEOUT_S)
+        argv += ["1" if scrub else "0", instance.base_branch or "", base_patch]
+        result = sandbox.exec(argv, SETUP_TIMEOUT_S)
         if not result.ok:
             detail = (result.stderr_text + result.stdout_text).strip()[-800:]
             raise SandboxError(f"setting up the repository failed ({result.exit_code}): {detail}")
