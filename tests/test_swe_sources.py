@@ -341,7 +341,7 @@ def test_a_scripted_agent_fixes_a_swe_bench_instance(lookalikes) -> None:
         if t.payload["instance_id"] == "fixture__djangoish-1"
     )
     replies = [
-        "<tool: bash>\nsource /opt/miniconda3/bin/activate && conda activate testbed && ./tests/runtests.py --verbosity 2 arith.tests 2>&1 | tail -2; echo $CONDA_DEFAULT_ENV\n</tool>",
+        "<tool: bash>\n./tests/runtests.py --verbosity 2 arith.tests 2>&1 | tail -2; echo $CONDA_DEFAULT_ENV\n</tool>",
         "<tool: edit>\ncalc/ops.py\n<<<<<<< SEARCH\n    return a - b\n=======\n    return a + b\n>>>>>>> REPLACE\n</tool>",
         "<tool: bash>\ngit diff > /tmp/fix.patch && head -1 /tmp/fix.patch\n</tool>",
         "<tool: submit>\n/tmp/fix.patch\n</tool>",

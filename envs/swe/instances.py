@@ -78,6 +78,9 @@ class SWEInstance:
     # re-committed as a root commit, so the commit before (the fix) is unreachable and scrubbed
     base_branch: str | None = None
     base_patch: str = ""
+    # shell commands the agent's bash session runs when it (re)starts: SWE-bench images' conda
+    # env activation, so `python` is the repository's interpreter as in the harness
+    shell_init: str = ""
     extra: dict = field(default_factory=dict)  # other fields of the record, kept for analysis
 
     def __post_init__(self) -> None:
@@ -183,7 +186,7 @@ def instance_from_record(
     known = set(ID_FIELDS + PROBLEM_FIELDS + PATCH_FIELDS + IMAGE_FIELDS + TEST_CMD_FIELDS)
     known |= {"test_patch", "FAIL_TO_PASS", "PASS_TO_PASS", "fail_to_pass", "pass_to_pass"}
     known |= {"base_commit", "repo", "repo_dir", "repo_path", "image_user", "log_parser"}
-    known |= {"base_branch", "base_patch"}
+    known |= {"base_branch", "base_patch", "shell_init"}
     extra = {k: v for k, v in record.items() if k not in known}
     return SWEInstance(
         instance_id=str(instance_id),
@@ -202,6 +205,7 @@ def instance_from_record(
         log_parser=record.get("log_parser") or None,
         base_branch=record.get("base_branch") or None,
         base_patch=str(record.get("base_patch") or ""),
+        shell_init=str(record.get("shell_init") or ""),
         extra=extra,
     )
 

@@ -24,7 +24,8 @@ runs commands there, the test command, the hidden tests and the log parser.
   parser is the harness's (`log_parser`, else the one it keeps for the repository); it reads the
   output when the command is not one the scorer's own runner can run (pytest / unittest commands
   run under the runner, envs.swe.runner, whatever the source).
-Commands run as the image's own user, with its environment (the docker sandbox keeps its PATH).
+Commands run as the image's own user, with its environment (the docker sandbox keeps its PATH);
+the agent's bash session starts with the testbed conda env activated, as the harness's scripts.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def from_swebench(
     native.setdefault("image", swebench_image(record["instance_id"], namespace, arch, style))
     native.setdefault("repo_path", SWEBENCH_REPO_PATH)
     native.setdefault("image_user", "image")
+    native.setdefault("shell_init", SWEBENCH_ACTIVATE)  # the agent works in the testbed env
     if not any(native.get(k) for k in ("test_cmd", "test_command", "eval_cmd")):
         script = record.get("eval_script")
         if isinstance(script, str) and script.strip():

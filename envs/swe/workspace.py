@@ -114,7 +114,8 @@ if [ "$5" = 1 ]; then
 fi
 shift 6
 mkdir -p "$__swe_state" 2>/dev/null
-if [ -f "$__swe_state/env" ]; then . "$__swe_state/env" 2>/dev/null; fi
+if [ -f "$__swe_state/env" ]; then . "$__swe_state/env" 2>/dev/null
+elif [ -n "$__swe_init" ]; then eval "$__swe_init" >/dev/null 2>&1 </dev/null; fi
 if [ -f "$__swe_state/functions" ]; then . "$__swe_state/functions" 2>/dev/null; fi
 cd "$__swe_repo" 2>/dev/null
 if [ -s "$__swe_state/cwd" ]; then cd "$(cat "$__swe_state/cwd")" 2>/dev/null || cd "$__swe_repo"; fi
@@ -177,6 +178,7 @@ class Workspace:
     python: str  # the interpreter that runs the tool helper
     persist_tmp: bool
     fresh_session: bool = False  # the next call restarts the session
+    shell_init: str = ""  # run when the session (re)starts, e.g. a conda env's activation
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(
@@ -189,7 +191,8 @@ class Workspace:
         argv += ["1" if self.persist_tmp else "0", *args]
         self.fresh_session = False
         start = time.monotonic()
-        result = self.sandbox.exec(["env", f"__swe_python={self.python}", *argv], timeout)
+        env = ["env", f"__swe_python={self.python}", f"__swe_init={self.shell_init}"]
+        result = self.sandbox.exec([*env, *argv], timeout)
         self.timings["exec_s"] = self.timings.get("exec_s", 0.0) + time.monotonic() - start
         self.timings["execs"] = self.timings.get("execs", 0) + 1
         if result.timed_out:
@@ -279,6 +282,7 @@ def open_workspace(instance: SWEInstance, spec: SandboxSpec, *, scrub: bool) -> 
         state_dir=state_dir,
         python=sys.executable if local else "python3",
         persist_tmp=local and bool(getattr(sandbox, "use_bwrap", False)),
+        shell_init=instance.shell_init,
         timings={
             "sandbox_start_s": started - start,
             "repo_setup_s": time.monotonic() - started,
