@@ -31,6 +31,7 @@ ENV_DIR = "opt/miniconda3/envs/testbed"
 SITE = f"{ENV_DIR}/lib/python3/site-packages"
 IMAGE_PATH = "/opt/miniconda3/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL = "cwm-rl.swe-fixture-digest"
+LAYOUT = "2"  # bump when _rootfs changes: older fixture images are rebuilt
 
 ACTIVATE = """\
 # a stand-in for miniconda's activate: `conda activate NAME` puts the env first on PATH
@@ -231,12 +232,15 @@ def eval_script(base: str, test_files: list[str], test_patch: str, command: str)
     )
 
 
-def _rootfs(repo: Path) -> bytes:
+def _rootfs(repo: Path, extra: dict[str, bytes] | None = None) -> bytes:
     from envs.swe.instances import repo_tar
     from sandbox.images import host_rootfs_tar
 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as out:
+        root = tarfile.TarInfo(".")  # / as images have it: root's, 0755
+        root.type, root.mode = tarfile.DIRTYPE, 0o755
+        out.addfile(root)
         with tarfile.open(fileobj=io.BytesIO(host_rootfs_tar())) as base:
             for member in base.getmembers():
                 out.addfile(member, base.extractfile(member) if member.isfile() else None)
@@ -258,21 +262,31 @@ def _rootfs(repo: Path) -> bytes:
         add("opt/miniconda3/bin/activate", ACTIVATE.encode())
         add(f"{ENV_DIR}/bin/python", ENV_PYTHON.encode(), 0o755)
         add(f"{SITE}/testbed_env.py", b"NAME = 'testbed'\n")
+        made = set()
+        for path, data in sorted((extra or {}).items()):
+            parent = path.rsplit("/", 1)[0]
+            if "/" in path and parent not in made:
+                add(parent, None)
+                made.add(parent)
+            add(path, data)
         with tarfile.open(fileobj=io.BytesIO(repo_tar(str(repo), "testbed/"))) as tree:
             for member in tree.getmembers():
                 out.addfile(member, tree.extractfile(member) if member.isfile() else None)
     return buffer.getvalue()
 
 
-def build_image(client, repo: Path, name: str) -> None:
-    """Import the SWE-bench-style image of `repo` as `name` (skipped when it is current)."""
+def build_image(client, repo: Path, name: str, extra: dict[str, bytes] | None = None) -> None:
+    """Import the SWE-bench-style image of `repo` as `name` (skipped when it is current);
+    `extra`: more files of the image (path without the leading / -> content)."""
     import docker
 
     from envs.swe.instances import repo_tar
     from sandbox.images import HOST_MOUNTS_LABEL, import_rootfs
 
     digest = hashlib.sha256(
-        repo_tar(str(repo)) + (ACTIVATE + ENV_PYTHON + IMAGE_PATH).encode()
+        repo_tar(str(repo))
+        + (ACTIVATE + ENV_PYTHON + IMAGE_PATH + LAYOUT).encode()
+        + json.dumps({k: v.decode() for k, v in sorted((extra or {}).items())}).encode()
     ).hexdigest()[:16]
     try:
         if (client.images.get(name).labels or {}).get(LABEL) == digest:
@@ -286,7 +300,7 @@ def build_image(client, repo: Path, name: str) -> None:
         "WORKDIR /testbed",
         'CMD ["/bin/sh"]',
     ]
-    import_rootfs(client, _rootfs(repo), changes, name)
+    import_rootfs(client, _rootfs(repo, extra), changes, name)
 
 
 def build(root: Path, client) -> dict[str, dict]:
@@ -435,3 +449,58 @@ def build_swesmith(root: Path, client) -> dict[str, dict]:
         wrong[instance_id] = diff(repo, {"util.py": WRONG_INIT})
     build_image(client, repo, SMITH_IMAGE)
     return {"records": records, "wrong": wrong, "repo": repo}
+
+
+# ---------------------------------------------------------------------------------------------
+# R2E-Gym look-alikes: one image per instance, the repository at its buggy commit (the fix was
+# never committed), the hidden tests at /r2e_tests and their script at /testbed/run_tests.sh
+# (untracked); expected outcomes include a test that fails even with the fix
+
+R2E_HIDDEN_TESTS = """\
+import unittest
+
+from stats import clamp, mean, median
+
+
+class HiddenTests(unittest.TestCase):
+    def test_mean(self):
+        self.assertEqual(mean([1, 2, 3, 4]), 2.5)
+
+    def test_median(self):
+        self.assertEqual(median([3, 1, 4, 2]), 2.5)
+
+    def test_clamp(self):
+        self.assertEqual(clamp(12, 0, 10), 10)
+
+    def test_known_failure(self):
+        self.assertEqual(mean([1]), 2)
+"""
+R2E_RUN_TESTS = "#!/bin/bash\npython3 -m unittest -v r2e_tests.test_hidden 2>&1\n"
+
+
+def build_r2e(root: Path, client) -> dict[str, dict]:
+    records, wrong = {}, {}
+    base = "r2e_tests.test_hidden.HiddenTests."
+    for k, (smith_id, (buggy, broken)) in enumerate(SMITH_BUGS.items()):
+        name = f"stats{k}"
+        repo, _ = _repo(root / name, {"stats.py": buggy, "util.py": "VERSION = 1\n"})
+        (repo / "run_tests.sh").write_text(R2E_RUN_TESTS)  # untracked, as in R2E's images
+        image = f"fixture/{name}_final:{smith_id.rsplit('__', 1)[1]}"
+        gold = diff(repo, {"stats.py": STATS})
+        wrong[image] = diff(repo, {"util.py": WRONG_INIT})
+        extra = {
+            "r2e_tests/__init__.py": b"",
+            "r2e_tests/test_hidden.py": R2E_HIDDEN_TESTS.encode(),
+        }
+        build_image(client, repo, image, extra)
+        expected = {base + t: "PASSED" for t in ("test_mean", "test_median", "test_clamp")}
+        expected[base + "test_known_failure"] = "FAILED"
+        records[image] = {
+            "repo_name": "stats",
+            "docker_image": image,
+            "commit_hash": _git(repo, "rev-parse", "HEAD"),
+            "problem_statement": f"[ISSUE]\n{broken[5:]}() gives wrong results.\n[/ISSUE]",
+            "patch": gold,
+            "expected_output_json": json.dumps(expected),
+        }
+    return {"records": records, "wrong": wrong}

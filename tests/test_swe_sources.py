@@ -29,7 +29,13 @@ from envs.swe.scoring import (
     resolved_from,
     score_patch,
 )
-from envs.swe.sources import eval_script_test_cmd, from_swebench, from_swesmith, swebench_image
+from envs.swe.sources import (
+    eval_script_test_cmd,
+    from_r2e,
+    from_swebench,
+    from_swesmith,
+    swebench_image,
+)
 
 pytestmark = pytest.mark.timeout(600)
 REPO = Path(__file__).resolve().parents[1]
@@ -221,6 +227,8 @@ def test_django_style_names_match_in_the_output_fallback() -> None:
     results = parse_test_output(DJANGO_LOG.replace("... FAIL", "... ok"))
     assert resolved_from(native, results, 0)
     assert not resolved_from(native, parse_test_output(DJANGO_LOG), 1)
+    # unittest's closing "FAILED (failures=1)" is not a pytest result line for a test "(failures=1)"
+    assert parse_test_output("Ran 2 tests\n\nFAILED (failures=1)\n") == {}
 
 
 def test_a_patch_that_names_the_hidden_tests_is_flagged() -> None:
@@ -485,3 +493,153 @@ def test_a_swesmith_episode_starts_from_the_bug_with_the_fix_unreachable(smith) 
         assert history == "1" and "fatal" in missing and dirty == "0", texts[0]
         assert buggy.strip() in texts[1]
         assert (results[-1].status, results[-1].reward) == ("ok", 1.0), results[-1].info
+
+
+# ---------------------------------------------------------------------------------------------
+# R2E-Gym
+
+
+def test_an_r2e_record_reads_its_image_oracle_and_expected_outcomes(tmp_path) -> None:
+    repo, _ = swe_fixtures._repo(
+        tmp_path / "r", {"stats.py": swe_fixtures.STATS, "tests/test_s.py": "x = 1\n"}
+    )
+    parsed = {  # R2E-Gym's parsed_commit_content: a source diff and a test diff
+        "old_commit_hash": "a",
+        "new_commit_hash": "b",
+        "commit_message": "fix",
+        "commit_date": "2020-01-01",
+        "file_diffs": [
+            {
+                "old_file": {"path": "stats.py"},
+                "new_file": {"path": "stats.py"},
+                "hunks": [
+                    {
+                        "descriptor": {
+                            "old_range": {"start": 1, "length": 3},
+                            "new_range": {"start": 1, "length": 3},
+                            "section": "",
+                        },
+                        "line_group": {
+                            "pre_context_lines": [{"content": "def mean(xs):"}],
+                            "left_lines": [{"content": "    return sum(xs) / len(xs)"}],
+                            "right_lines": [{"content": "    return sum(xs) / max(len(xs), 1)"}],
+                            "post_context_lines": [{"content": ""}],
+                        },
+                    }
+                ],
+            },
+            {
+                "old_file": {"path": "tests/test_s.py"},
+                "new_file": {"path": "tests/test_s.py"},
+                "hunks": [],
+            },
+        ],
+    }
+    record = {
+        "docker_image": "namanjain12/stats_final:abc",
+        "problem_statement": "[ISSUE]\nmean fails\n[/ISSUE]\nmore",
+        "parsed_commit_content": json.dumps(parsed),
+        "expected_output_json": '{"t.py::test_a": "PASSED", "t.py::test_b": "FAILED"}',
+        "repo_name": "stats",
+    }
+    got = instance_from_record(from_r2e(record))
+    assert (got.instance_id, got.image, got.problem_statement) == (
+        "stats_final__abc",
+        "namanjain12/stats_final:abc",
+        "mean fails",
+    )
+    assert got.expected == {"t.py::test_a": "pass", "t.py::test_b": "fail"}
+    assert (
+        got.hidden_paths == ("/r2e_tests", "/testbed/run_tests.sh") and "{hidden}" in got.test_cmd
+    )
+    assert "tests/test_s.py" not in got.patch  # the oracle is the source diff only
+    (tmp_path / "p.patch").write_text(got.patch)
+    swe_fixtures._git(repo, "apply", "--check", str(tmp_path / "p.patch"))
+    for missing in ("docker_image", "expected_output_json"):
+        with pytest.raises(ValueError, match=missing):
+            from_r2e({**record, missing: ""})
+    with pytest.raises(ValueError, match="no oracle"):
+        from_r2e({k: v for k, v in record.items() if k != "parsed_commit_content"})
+    with pytest.raises(ValueError, match="expected_output_json"):
+        from_r2e({**record, "expected_output_json": '{"t": "MAYBE"}'})
+    # graded by comparison: every outcome as expected, the same tests and no more
+    assert resolved_from(got, {"t.py::test_a": PASS, "t.py::test_b - AssertionError": FAIL}, 1)
+    assert not resolved_from(got, {"t.py::test_a": PASS, "t.py::test_b": PASS}, 0)
+    assert not resolved_from(got, {"t.py::test_a": PASS}, 0)
+    assert not resolved_from(got, {"t.py::test_a": PASS, "t.py::test_b": FAIL, "t.py::x": PASS}, 1)
+
+
+@pytest.fixture(scope="module")
+def r2e(tmp_path_factory):
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+
+    reason = docker_unavailable_reason()
+    require("docker", reason is None, reason or "")
+    root = tmp_path_factory.mktemp("r2e")
+    built = swe_fixtures.build_r2e(root, shared_client(resolve_docker_host()))
+    path = root / "instances.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in built["records"].values()))
+    return {"path": path, "wrong": built["wrong"]}
+
+
+def test_validate_swe_passes_the_r2e_fixtures_and_the_hidden_tests_cannot_be_forged(r2e) -> None:
+    command = [sys.executable, "-m", "launch.validate_swe", str(r2e["path"]), "--source", "r2e"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3/3 instances valid" in done.stdout
+    env = SWEEnv(
+        {"source": "r2e", "path": str(r2e["path"]), "backend": "docker", "validate_first": 0}
+    )
+    spec = env.config.sandbox_spec()
+    for inst in env.instances():
+        verdict = score_patch(inst, r2e["wrong"][inst.image], spec, timeout_s=120)
+        assert (verdict.status, verdict.resolved, verdict.reward) == ("ok", False, -1.0), (
+            verdict.info()
+        )
+    # a patch that brings its own r2e_tests (all passing) and its own run_tests.sh fixes nothing
+    inst = env.instances()[0]
+    forged = (
+        "diff --git a/r2e_tests/test_hidden.py b/r2e_tests/test_hidden.py\nnew file mode 100644\n"
+        "--- /dev/null\n+++ b/r2e_tests/test_hidden.py\n@@ -0,0 +1,3 @@\n+import unittest\n"
+        "+class HiddenTests(unittest.TestCase):\n+    pass\n"
+        "diff --git a/run_tests.sh b/run_tests.sh\nnew file mode 100644\n--- /dev/null\n"
+        "+++ b/run_tests.sh\n@@ -0,0 +1 @@\n+echo 'test_mean (r2e_tests.test_hidden.HiddenTests) ... ok'\n"
+    )
+    verdict = score_patch(inst, forged, spec, timeout_s=120)
+    assert verdict.status == "ok" and not verdict.resolved, verdict.info()
+
+
+def test_an_r2e_episode_cannot_see_the_hidden_tests(r2e) -> None:
+    env = SWEEnv(
+        {
+            "source": "r2e",
+            "path": str(r2e["path"]),
+            "backend": "docker",
+            "validate_first": 0,
+            "command_timeout_s": 30.0,
+        }
+    )
+    task = (env.load_tasks("train") + env.load_tasks("test"))[0]
+    replies = [
+        "<tool: bash>\nls /r2e_tests run_tests.sh 2>&1; find / -name test_hidden.py 2>/dev/null | wc -l\n</tool>",
+        f"<tool: create>\n/tmp/fix.patch\n{task.payload['patch']}</tool>",
+        "<tool: submit>\n/tmp/fix.patch\n</tool>",
+        "Done.",
+    ]
+
+    async def episode():
+        results = []
+        try:
+            await env.reset(task)
+            for reply in replies:
+                results.append(await env.step(reply))
+                if results[-1].done:
+                    break
+            return results
+        finally:
+            await env.close()
+
+    results = asyncio.run(episode())
+    seen = results[0].messages[0]["content"]
+    assert seen.count("No such file") == 2 and seen.split("\n")[2] == "0", seen
+    assert (results[-1].status, results[-1].reward) == ("ok", 1.0), results[-1].info

@@ -97,7 +97,8 @@ class SWEConfig:
     Verified / SWE-Gym records, read as envs.swe.sources says: images named as the harness names
     them, under `image_namespace` (None: locally built names) in `image_style` "swebench" or
     "swegym", for `image_arch`) or "swesmith" (JSONL of SWE-smith records: the bug patch on the
-    instance's branch, the oracle its reverse). See envs/swe/sources.py.
+    instance's branch, the oracle its reverse) or "r2e" (JSONL of R2E-Gym records: hidden tests
+    in the image, graded by expected outcomes). See envs/swe/sources.py.
     backend: the sandbox ("local" or "docker"); `use_task_images` runs docker sandboxes in the
     instance's image when it names one (built with `build_tasks --images`), else the repository
     is copied into a `cwm-rl/host` container. `allow_unisolated`: let the local sandbox run
@@ -107,7 +108,7 @@ class SWEConfig:
     Reward: +reward_scale resolved; 0 if similarity >= similarity_threshold; else -reward_scale.
     """
 
-    source: Literal["builtin", "jsonl", "swebench", "swesmith"] = "builtin"
+    source: Literal["builtin", "jsonl", "swebench", "swesmith", "r2e"] = "builtin"
     path: str | None = None
     test_path: str | None = None
     tasks_dir: str | None = None
@@ -241,7 +242,7 @@ class SWEEnv(Environment):
             path,
             default_test_cmd=config.default_test_cmd,
             on_bad_line=config.on_bad_line,
-            record_format=config.source if config.source in ("swebench", "swesmith") else "native",
+            record_format="native" if config.source in ("builtin", "jsonl") else config.source,
             **options,
         )
         if not instances:

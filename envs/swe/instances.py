@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 import shlex
 import stat
@@ -81,6 +82,13 @@ class SWEInstance:
     # shell commands the agent's bash session runs when it (re)starts: SWE-bench images' conda
     # env activation, so `python` is the repository's interpreter as in the harness
     shell_init: str = ""
+    # paths of the image the agent must not reach (R2E-Gym's hidden tests, its test script):
+    # deleted from the agent's sandbox before the episode; in the scoring sandbox moved out of
+    # the repository into the scorer's state dir, which `{hidden}` in test_cmd names
+    hidden_paths: tuple[str, ...] = ()
+    # graded by comparison (R2E-Gym): every test's outcome (pass / fail / skip) must equal this
+    # map, the same tests and no more (None: FAIL_TO_PASS / PASS_TO_PASS)
+    expected: dict | None = None
     extra: dict = field(default_factory=dict)  # other fields of the record, kept for analysis
 
     def __post_init__(self) -> None:
@@ -90,6 +98,9 @@ class SWEInstance:
             raise ValueError("needs a repository: 'repo_dir' (local) or an image field")
         if not self.test_cmd.strip():
             raise ValueError("test command is empty")
+        for path in self.hidden_paths:
+            if not path.startswith("/") or posixpath.normpath(path) != path or path == "/":
+                raise ValueError(f"hidden path {path!r} must be an absolute, normal path")
         if self.image_user not in ("root", "image", "sandbox"):
             raise ValueError(f"image_user must be root, image or sandbox, got {self.image_user!r}")
 
@@ -101,15 +112,15 @@ class SWEInstance:
     def to_payload(self) -> dict:
         """A plain dict for Task.payload (JSON- and Ray-serialisable)."""
         payload = asdict(self)
-        payload["fail_to_pass"] = list(self.fail_to_pass)
-        payload["pass_to_pass"] = list(self.pass_to_pass)
+        for key in ("fail_to_pass", "pass_to_pass", "hidden_paths"):
+            payload[key] = list(getattr(self, key))
         return payload
 
     @classmethod
     def from_payload(cls, payload: Mapping) -> SWEInstance:
         known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
-        known["fail_to_pass"] = tuple(known.get("fail_to_pass", ()))
-        known["pass_to_pass"] = tuple(known.get("pass_to_pass", ()))
+        for key in ("fail_to_pass", "pass_to_pass", "hidden_paths"):
+            known[key] = tuple(known.get(key, ()))
         return cls(**known)
 
 
@@ -186,7 +197,7 @@ def instance_from_record(
     known = set(ID_FIELDS + PROBLEM_FIELDS + PATCH_FIELDS + IMAGE_FIELDS + TEST_CMD_FIELDS)
     known |= {"test_patch", "FAIL_TO_PASS", "PASS_TO_PASS", "fail_to_pass", "pass_to_pass"}
     known |= {"base_commit", "repo", "repo_dir", "repo_path", "image_user", "log_parser"}
-    known |= {"base_branch", "base_patch", "shell_init"}
+    known |= {"base_branch", "base_patch", "shell_init", "hidden_paths", "expected"}
     extra = {k: v for k, v in record.items() if k not in known}
     return SWEInstance(
         instance_id=str(instance_id),
@@ -206,6 +217,8 @@ def instance_from_record(
         base_branch=record.get("base_branch") or None,
         base_patch=str(record.get("base_patch") or ""),
         shell_init=str(record.get("shell_init") or ""),
+        hidden_paths=tuple(record.get("hidden_paths") or ()),
+        expected=record.get("expected") or None,
         extra=extra,
     )
 

@@ -89,7 +89,9 @@ UNITTEST_STATUS = {
     "expected failure": PASS,
     "unexpected success": FAIL,
 }
-PYTEST_SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)")
+PYTEST_SUMMARY = re.compile(
+    r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ([^\s(]\S*)"
+)  # not unittest's "FAILED (failures=1)"
 PYTEST_VERBOSE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 PYTEST_STATUS = {"PASSED": PASS, "XFAIL": PASS, "FAILED": FAIL, "ERROR": FAIL, "XPASS": FAIL}
 
@@ -369,7 +371,7 @@ def forged_results(added: dict[str, list[str]], instance: SWEInstance) -> list[s
     the patch adds that name a hidden test (its function name), as a forged result line must.
     A real fix has no business spelling the names of the tests that judge it."""
     names = set()
-    for test in instance.fail_to_pass + instance.pass_to_pass:
+    for test in instance.fail_to_pass + instance.pass_to_pass + tuple(instance.expected or ()):
         names.update(re.findall(r"\btest\w{3,}", test))
     oracle_lines = "\n".join(line for line in instance.patch.splitlines() if line.startswith("+"))
     names -= set(re.findall(r"\btest\w{3,}", oracle_lines))  # the fix itself names them
@@ -447,6 +449,9 @@ def resolved_from(instance: SWEInstance, results: dict[str, str], exit_code: int
     the runner reports them); without names, the command exited 0. Instances graded by the
     SWE-bench harness's parser are graded as the harness grades: a PASS_TO_PASS test may be
     skipped, and output that reports no failure from a command that failed is not believed."""
+    if instance.expected is not None:  # R2E-Gym: the same outcome for every test, no more
+        found = {_outcome_key(k): v for k, v in results.items()}
+        return bool(found) and found == {_outcome_key(k): v for k, v in instance.expected.items()}
     names = instance.fail_to_pass + instance.pass_to_pass
     if not names:
         return exit_code == 0
@@ -462,6 +467,11 @@ def resolved_from(instance: SWEInstance, results: dict[str, str], exit_code: int
     return all(found.get(report_test_name(name)) == PASS for name in names)
 
 
+def _outcome_key(name: str) -> str:
+    """A test's key for outcome comparison: the runner's name, without a " - reason" tail."""
+    return report_test_name(name.split(" - ")[0].strip())
+
+
 def report_test_name(name: str) -> str:
     """An expected test name as the runner reports it: unittest's `test_x (pkg.mod.Class)` and
     `test_x (pkg.mod.Class.test_x)` become `pkg.mod.Class.test_x`; others stay."""
@@ -473,6 +483,8 @@ def report_test_name(name: str) -> str:
 
 
 def _resolved_by_report(instance: SWEInstance, report: Report) -> bool:
+    if instance.expected is not None:
+        return report.complete and resolved_from(instance, report.tests, None)
     names = instance.fail_to_pass + instance.pass_to_pass
     if names:
         return all(report.tests.get(report_test_name(name)) == PASS for name in names)
@@ -524,7 +536,8 @@ def _score_in(
 ) -> None:
     """Prepare, scan, run the tests, read the verdict (raises SandboxError for env errors)."""
     sandbox = workspace.sandbox
-    plan = plan_tests(instance.test_cmd)
+    test_cmd = instance.test_cmd.replace("{hidden}", posixpath.join(workspace.state_dir, "hidden"))
+    plan = plan_tests(test_cmd)
     config, key = _run_dir_files(workspace, instance, patch, plan)
     argv = [workspace.python, "-I", "-S", config["runner"], "prepare", config["config"]]
     start = time.monotonic()
@@ -561,7 +574,7 @@ def _score_in(
         if "cwm-rl-runner ok" not in done.stdout_text:
             detail = (done.stdout_text + done.stderr_text).strip()[-800:]
             raise SandboxError(f"the test runner does not start in the sandbox: {detail}")
-    command = plan.command(config["runner"], config["config"]) if plan else instance.test_cmd
+    command = plan.command(config["runner"], config["config"]) if plan else test_cmd
     result = sandbox.exec(
         ["bash", "-c", TEST_SCRIPT, "swe-test", workspace.repo_path, command], timeout_s
     )
@@ -611,7 +624,7 @@ def score_patch(
     started = time.monotonic()
     patch_similarity = similarity(patch, instance.patch)
     try:
-        workspace = open_workspace(instance, spec, scrub=True)
+        workspace = open_workspace(instance, spec, scrub=True, hide="stash")
     except (SandboxError, OSError) as e:
         return ScoreResult(None, "env_error", similarity=patch_similarity, error=str(e))
     verdict = ScoreResult(None, "ok", similarity=patch_similarity, timings=dict(workspace.timings))

@@ -10,6 +10,13 @@ runs commands there, the test command, the hidden tests and the log parser.
   the clean commit (the fix) is unreachable and scrubbed away (envs.swe.workspace); the oracle
   is the bug patch reversed. Tests: the record's command, else SWE-smith's default pytest run
   (under the scorer's runner); FAIL_TO_PASS / PASS_TO_PASS as pytest ids.
+- "r2e": R2E-Gym records. The image (`docker_image`) holds the repository at /testbed at the
+  buggy commit, its hidden tests at /r2e_tests and their script at /testbed/run_tests.sh. Both
+  are deleted from the agent's sandbox before the episode; the scorer moves them out of the
+  repository (a patch cannot touch them) and runs the script with the tests linked in as
+  `r2e_tests`. The verdict is R2E-Gym's comparison: every test's outcome equals the record's
+  `expected_output_json`, the same tests and no more. The oracle is the record's `patch`, else
+  the non-test file diffs of its `parsed_commit_content`.
 - "swebench": SWE-bench, SWE-bench Verified / Lite and SWE-Gym records (one schema). The image
   is named as the official harness names it: `sweb.eval.<arch>.<instance_id>:latest`, under a
   registry namespace (default "swebench", Docker Hub) with `__` written `_1776_`, all lower
@@ -241,8 +248,103 @@ def from_swesmith(record: Mapping[str, Any], **_: Any) -> dict[str, Any]:
     return native
 
 
+R2E_HIDDEN = ("/r2e_tests", "/testbed/run_tests.sh")
+R2E_TEST_CMD = (
+    "rm -rf r2e_tests && ln -s {hidden}/r2e_tests r2e_tests && bash {hidden}/run_tests.sh"
+)
+R2E_STATUS = {
+    "PASSED": "pass",
+    "XFAIL": "pass",
+    "FAILED": "fail",
+    "ERROR": "fail",
+    "SKIPPED": "skip",
+}
+
+
+def _is_test_path(path: str) -> bool:
+    parts = path.split("/")
+    name = parts[-1]
+    return any(p in ("tests", "test", "testing") for p in parts[:-1]) or name.startswith("test_")
+
+
+def parsed_commit_patch(parsed: Mapping[str, Any]) -> str:
+    """The non-test file diffs of an R2E-Gym `parsed_commit` as a git diff."""
+    out = []
+    for diff in parsed["file_diffs"]:
+        old, new = diff["old_file"]["path"], diff["new_file"]["path"]
+        if _is_test_path(new if new != "/dev/null" else old):
+            continue
+        a = old if old == "/dev/null" else f"a/{old}"
+        b = new if new == "/dev/null" else f"b/{new}"
+        out.append(
+            f"diff --git a/{old if old != '/dev/null' else new} b/{new if new != '/dev/null' else old}"
+        )
+        out += [f"--- {a}", f"+++ {b}"]
+        for hunk in diff["hunks"]:
+            d = hunk["descriptor"]
+            old_range, new_range = d["old_range"], d["new_range"]
+            section = d.get("section") or ""
+            out.append(
+                f"@@ -{old_range['start']},{old_range.get('length', 1)} "
+                f"+{new_range['start']},{new_range.get('length', 1)} @@"
+                + (f" {section}" if section else "")
+            )
+            group = hunk["line_group"]
+            for key, mark in (
+                ("pre_context_lines", " "),
+                ("left_lines", "-"),
+                ("right_lines", "+"),
+                ("post_context_lines", " "),
+            ):
+                out += [mark + line["content"] for line in group.get(key, [])]
+    if not out:
+        raise ValueError("parsed_commit_content changes no non-test file")
+    return "\n".join(out) + "\n"
+
+
+def from_r2e(record: Mapping[str, Any], **_: Any) -> dict[str, Any]:
+    """An R2E-Gym record as a native one (ValueError names a missing field)."""
+    for name in ("docker_image", "problem_statement", "expected_output_json"):
+        if not record.get(name):
+            raise ValueError(f"R2E-Gym record: field '{name}' is missing")
+    native = dict(record)
+    image = str(record["docker_image"])
+    native.setdefault("instance_id", image.rsplit("/", 1)[-1].replace(":", "__"))
+    native["image"] = image
+    problem = str(record["problem_statement"])
+    issue = re.search(r"\[ISSUE\](.*)\[/ISSUE\]", problem, re.DOTALL)
+    native["problem_statement"] = issue.group(1).strip() if issue else problem
+    if not record.get("patch"):
+        parsed = record.get("parsed_commit_content") or record.get("parsed_commit")
+        if not parsed:
+            raise ValueError("R2E-Gym record: no oracle ('patch' or 'parsed_commit_content')")
+        try:
+            parsed = json.loads(parsed) if isinstance(parsed, str) else parsed
+            native["patch"] = parsed_commit_patch(parsed)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"R2E-Gym record: parsed_commit_content unreadable: {e!r}") from None
+    expected = record["expected_output_json"]
+    try:
+        expected = json.loads(expected) if isinstance(expected, str) else dict(expected)
+        native["expected"] = {str(k): R2E_STATUS[str(v).upper()] for k, v in expected.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"R2E-Gym record: expected_output_json unreadable: {e!r}") from None
+    native.setdefault("test_patch", "")
+    native.setdefault("repo", str(record.get("repo_name") or ""))
+    native.setdefault("repo_path", SWEBENCH_REPO_PATH)
+    native.setdefault("image_user", "image")
+    native.setdefault("hidden_paths", list(R2E_HIDDEN))
+    native.setdefault("test_cmd", R2E_TEST_CMD)
+    return native
+
+
 def native(record: Mapping[str, Any], **_: Any) -> Mapping[str, Any]:
     return record
 
 
-ADAPTERS = {"native": native, "swebench": from_swebench, "swesmith": from_swesmith}
+ADAPTERS = {
+    "native": native,
+    "swebench": from_swebench,
+    "swesmith": from_swesmith,
+    "r2e": from_r2e,
+}

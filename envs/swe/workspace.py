@@ -51,7 +51,7 @@ DOCKER_ENV = {
 
 SETUP_SCRIPT = r"""
 set -e
-state=$1; repo=$2; tarball=$3; scrub=$4; branch=$5; basepatch=$6
+state=$1; repo=$2; tarball=$3; scrub=$4; branch=$5; basepatch=$6; hide=$7; hidden=$8
 mkdir -p "$state"
 if [ -n "$tarball" ]; then
   mkdir -p "$repo"
@@ -59,6 +59,16 @@ if [ -n "$tarball" ]; then
   rm -f "$tarball"
 fi
 cd "$repo"
+if [ -n "$hidden" ]; then  # out of the agent's reach (delete), or the scorer's (stash)
+  mkdir -p "$state/hidden"
+  printf '%s\n' "$hidden" | while IFS= read -r path; do
+    if [ ! -e "$path" ] && [ ! -L "$path" ]; then echo "hidden path $path is missing" >&2; exit 5; fi
+    parent=$(dirname "$path"); mode=$(stat -c %a "$parent")
+    chmod u+w "$parent" 2>/dev/null || true  # / may be read-only to its owner (0555)
+    if [ "$hide" = stash ]; then mv "$path" "$state/hidden/"; else rm -rf "$path"; fi
+    chmod "$mode" "$parent" 2>/dev/null || true
+  done
+fi
 if [ -n "$branch" ] || [ -n "$basepatch" ]; then  # start elsewhere than HEAD (SWE-smith)
   if [ -n "$branch" ] && git rev-parse -q --verify "refs/heads/$branch" >/dev/null; then
     git checkout -q -f "$branch"
@@ -247,8 +257,14 @@ def _start_sandbox(instance: SWEInstance, spec: SandboxSpec) -> tuple[Sandbox, b
     return make_sandbox("local", limits=limits, allow_unisolated=spec.allow_unisolated), False
 
 
-def open_workspace(instance: SWEInstance, spec: SandboxSpec, *, scrub: bool) -> Workspace:
-    """Start a sandbox with the task's repository at its base commit (see the module doc)."""
+def open_workspace(
+    instance: SWEInstance, spec: SandboxSpec, *, scrub: bool, hide: str = "delete"
+) -> Workspace:
+    """Start a sandbox with the task's repository at its base commit (see the module doc).
+    The instance's hidden paths are deleted ("delete": the agent's sandbox) or moved into the
+    state dir's `hidden/` ("stash": the scorer's, whose test command runs them)."""
+    if hide not in ("delete", "stash"):
+        raise ValueError(f"hide must be delete or stash, got {hide!r}")
     start = time.monotonic()
     sandbox, in_image = _start_sandbox(instance, spec)
     started = time.monotonic()
@@ -268,6 +284,7 @@ def open_workspace(instance: SWEInstance, spec: SandboxSpec, *, scrub: bool) -> 
             sandbox.write_file(f"{STATE_DIR}/base.patch", instance.base_patch)
         argv = ["bash", "-c", SETUP_SCRIPT, "swe-setup", state_dir, repo_path, tarball]
         argv += ["1" if scrub else "0", instance.base_branch or "", base_patch]
+        argv += [hide, "\n".join(instance.hidden_paths)]
         result = sandbox.exec(argv, SETUP_TIMEOUT_S)
         if not result.ok:
             detail = (result.stderr_text + result.stdout_text).strip()[-800:]
