@@ -21,9 +21,9 @@ from rl.schema import ConfigError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", help="a JSONL file of instances")
+    parser.add_argument("data", help="a JSONL file of instances (harbor: a directory of tasks)")
     parser.add_argument(
-        "--source", default="jsonl", choices=["jsonl", "swebench", "swesmith", "r2e"]
+        "--source", default="jsonl", choices=["jsonl", "swebench", "swesmith", "r2e", "harbor"]
     )
     parser.add_argument("--limit", type=int, default=None, help="the first N instances only")
     parser.add_argument("--backend", default="docker", choices=["docker", "local"])

@@ -504,3 +504,54 @@ def build_r2e(root: Path, client) -> dict[str, dict]:
             "expected_output_json": json.dumps(expected),
         }
     return {"records": records, "wrong": wrong}
+
+
+# ---------------------------------------------------------------------------------------------
+# Harbor look-alikes: task directories (instruction.md, task.toml, environment/Dockerfile built
+# from the cwm-rl/host image, tests/test.sh writing /logs/verifier/reward.txt, solution/)
+
+HARBOR_TEST_SH = """#!/bin/bash
+if python3 /tests/check.py; then echo 1 > /logs/verifier/reward.txt; else echo 0 > /logs/verifier/reward.txt; fi
+"""
+HARBOR_TASKS = {
+    "fix-calc": {
+        "instruction": "calc.py's add() subtracts. Make it add.",
+        "app": {"calc.py": CALC_BUGGY},
+        "check": "import sys; sys.path.insert(0, '/app')\nfrom calc import add\nassert add(2, 3) == 5\n",
+        "solve": "sed -i 's/a - b/a + b/' calc.py\n",
+    },
+    "sum-report": {
+        "instruction": 'Write report.json with {"total": N}, N the sum of the numbers in data.txt.',
+        "app": {"data.txt": "3\n4\n5\n"},
+        "check": "import json\nassert json.load(open('/app/report.json')) == {'total': 12}\n",
+        "solve": "python3 -c \"import json; json.dump({'total': sum(map(int, open('data.txt')))}, open('report.json', 'w'))\"\n",
+    },
+    "rename-docs": {
+        "instruction": "Rename every .txt file in docs/ to .md.",
+        "app": {"docs/a.txt": "a\n", "docs/b.txt": "b\n"},
+        "check": "import os\nassert sorted(os.listdir('/app/docs')) == ['a.md', 'b.md']\n",
+        "solve": 'cd docs && for f in *.txt; do mv "$f" "${f%.txt}.md"; done\n',
+    },
+}
+
+
+def build_harbor(root: Path, client) -> Path:
+    from sandbox.images import HOST_IMAGE, ensure_image
+
+    ensure_image(client, HOST_IMAGE)
+    for name, task in HARBOR_TASKS.items():
+        d = root / name
+        files = {
+            "instruction.md": task["instruction"] + "\n",
+            "task.toml": '[metadata]\ndifficulty = "easy"\n\n[verifier]\ntimeout_sec = 60.0\n\n'
+            "[agent]\ntimeout_sec = 600.0\n",
+            "environment/Dockerfile": f"FROM {HOST_IMAGE}\nWORKDIR /app\nCOPY app/ /app/\n",
+            "tests/test.sh": HARBOR_TEST_SH,
+            "tests/check.py": task["check"],
+            "solution/solve.sh": "#!/bin/bash\nset -e\n" + task["solve"],
+        }
+        files.update({f"environment/app/{p}": text for p, text in task["app"].items()})
+        for path, text in files.items():
+            (d / path).parent.mkdir(parents=True, exist_ok=True)
+            (d / path).write_text(text)
+    return root

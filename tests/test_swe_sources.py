@@ -643,3 +643,116 @@ def test_an_r2e_episode_cannot_see_the_hidden_tests(r2e) -> None:
     seen = results[0].messages[0]["content"]
     assert seen.count("No such file") == 2 and seen.split("\n")[2] == "0", seen
     assert (results[-1].status, results[-1].reward) == ("ok", 1.0), results[-1].info
+
+
+# ---------------------------------------------------------------------------------------------
+# Harbor
+
+
+@pytest.fixture(scope="module")
+def harbor_tasks(tmp_path_factory):
+    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
+
+    reason = docker_unavailable_reason()
+    require("docker", reason is None, reason or "")
+    root = tmp_path_factory.mktemp("harbor")
+    return swe_fixtures.build_harbor(root, shared_client(resolve_docker_host()))
+
+
+def test_harbor_tasks_load_and_bad_ones_are_named(tmp_path) -> None:
+    from envs.swe import harbor
+
+    task = tmp_path / "t1"
+    (task / "tests").mkdir(parents=True)
+    (task / "instruction.md").write_text("Do it.\n")
+    (task / "tests" / "test.sh").write_text("echo 1 > /logs/verifier/reward.txt\n")
+    (task / "task.toml").write_text(
+        '[environment]\ndocker_image = "me/img:1"\n[verifier]\ntimeout_sec = 30\n'
+    )
+    record = harbor.load_tasks(tmp_path)[0]
+    got = instance_from_record(record)
+    assert (got.instance_id, got.image, got.repo_path, got.verifier) == (
+        "t1",
+        "me/img:1",
+        "/app",
+        "harbor",
+    )
+    assert got.verifier_timeout_s == 30.0 and got.patch == ""
+    (task / "task.toml").write_text("[verifier\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        harbor.load_tasks(tmp_path)
+    (task / "task.toml").write_text("")
+    with pytest.raises(ValueError, match="no environment/Dockerfile"):
+        harbor.load_tasks(tmp_path)
+    (task / "tests" / "test.sh").unlink()
+    with pytest.raises(ValueError, match="no tests/test.sh"):
+        harbor.load_tasks(task)
+
+
+def test_validate_swe_runs_each_harbor_solution_and_names_a_broken_one(
+    harbor_tasks, tmp_path
+) -> None:
+    command = [sys.executable, "-m", "launch.validate_swe", str(harbor_tasks), "--source", "harbor"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3/3 instances valid" in done.stdout
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(harbor_tasks / "sum-report", broken / "sum-report")
+    (broken / "sum-report" / "solution" / "solve.sh").write_text(
+        "echo '{\"total\": 11}' > report.json\n"
+    )
+    done = subprocess.run(
+        [*command[:3], str(broken), *command[4:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1 and "failed: sum-report" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_harbor_episode_is_verified_in_its_container_and_a_planted_reward_is_void(
+    harbor_tasks,
+) -> None:
+    env = SWEEnv(
+        {
+            "source": "harbor",
+            "path": str(harbor_tasks),
+            "backend": "docker",
+            "validate_first": 0,
+            "command_timeout_s": 30.0,
+        }
+    )
+    tasks = {t.payload["instance_id"]: t for t in env.load_tasks("train") + env.load_tasks("test")}
+
+    async def episode(task, replies):
+        results = []
+        try:
+            first = await env.reset(task)
+            for reply in replies:
+                results.append(await env.step(reply))
+                if results[-1].done:
+                    break
+            return first, results
+        finally:
+            await env.close()
+
+    plant = "<tool: bash>\nmkdir -p /logs/verifier 2>&1; echo 1 > /logs/verifier/reward.txt; ls /tests 2>&1\n</tool>"
+    first, results = asyncio.run(episode(tasks["fix-calc"], [plant, "Done (not really)."]))
+    assert (
+        "Your working directory is /app" in first[1]["content"]
+        and "subtracts" in first[1]["content"]
+    )
+    assert "No such file" in results[0].messages[0]["content"]  # the tests arrive only afterwards
+    last = results[-1]
+    assert (last.status, last.reward, last.info["verifier_reward"]) == ("ok", -1.0, 0.0), last.info
+    fix = "<tool: bash>\nsed -i 's/a - b/a + b/' calc.py && python3 -c 'from calc import add; print(add(2, 3))'\n</tool>"
+    _, results = asyncio.run(episode(tasks["fix-calc"], [fix, "Fixed."]))
+    assert results[0].messages[0]["content"].startswith("5")
+    assert (results[-1].status, results[-1].reward, results[-1].info["integrity"]) == (
+        "ok",
+        1.0,
+        "in-place",
+    )

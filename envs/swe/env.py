@@ -33,7 +33,7 @@ from typing import Literal
 from envs.base import Environment, Message, StepResult, Task, hash_split, require_config
 from envs.data import DataError
 from envs.swe import tools
-from envs.swe.instances import SWEInstance, load_instances
+from envs.swe.instances import SWEInstance, instance_from_record, load_instances
 from envs.swe.scoring import ScoreResult, harness_parser, score_patch
 from envs.swe.workspace import SandboxSpec, Workspace, find_leaks, open_workspace
 from sandbox.base import SandboxError
@@ -81,6 +81,14 @@ your internal reasoning
 </think>
 your external response, with its tool call. Only the text after </think> is read for a call."""
 
+HARBOR_PROMPT = """\
+Your working directory is {repo_path}. Complete this task:
+
+{problem}
+
+No patch is needed: what you leave in the container is checked. When you are done, reply \
+without a tool call."""
+
 USER_PROMPT = """\
 The repository is at {repo_path}. Resolve this issue:
 
@@ -97,8 +105,9 @@ class SWEConfig:
     Verified / SWE-Gym records, read as envs.swe.sources says: images named as the harness names
     them, under `image_namespace` (None: locally built names) in `image_style` "swebench" or
     "swegym", for `image_arch`) or "swesmith" (JSONL of SWE-smith records: the bug patch on the
-    instance's branch, the oracle its reverse) or "r2e" (JSONL of R2E-Gym records: hidden tests
-    in the image, graded by expected outcomes). See envs/swe/sources.py.
+    instance's branch, the oracle its reverse), "r2e" (JSONL of R2E-Gym records: hidden tests
+    in the image, graded by expected outcomes) or "harbor" (`path`: a directory of Harbor task
+    directories, verified in the agent's container: envs/swe/harbor.py). See envs/swe/sources.py.
     backend: the sandbox ("local" or "docker"); `use_task_images` runs docker sandboxes in the
     instance's image when it names one (built with `build_tasks --images`), else the repository
     is copied into a `cwm-rl/host` container. `allow_unisolated`: let the local sandbox run
@@ -108,7 +117,7 @@ class SWEConfig:
     Reward: +reward_scale resolved; 0 if similarity >= similarity_threshold; else -reward_scale.
     """
 
-    source: Literal["builtin", "jsonl", "swebench", "swesmith", "r2e"] = "builtin"
+    source: Literal["builtin", "jsonl", "swebench", "swesmith", "r2e", "harbor"] = "builtin"
     path: str | None = None
     test_path: str | None = None
     tasks_dir: str | None = None
@@ -231,6 +240,13 @@ class SWEEnv(Environment):
 
     def _instances(self, path: str) -> list[SWEInstance]:
         config = self.config
+        if config.source == "harbor":
+            from envs.swe import harbor
+
+            try:
+                return [instance_from_record(r) for r in harbor.load_tasks(path)]
+            except ValueError as e:
+                raise DataError(str(e)) from None
         options = {}
         if config.source == "swebench":
             options = {
@@ -315,7 +331,8 @@ class SWEEnv(Environment):
         system = self.config.system_prompt or (
             SYSTEM_PROMPT + THINK_NOTE if self.config.reasoning else SYSTEM_PROMPT
         )
-        user = USER_PROMPT.format(repo_path=repo_path, problem=instance.problem_statement)
+        template = HARBOR_PROMPT if instance.verifier == "harbor" else USER_PROMPT
+        user = template.format(repo_path=repo_path, problem=instance.problem_statement)
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     async def reset(self, task: Task) -> list[Message]:
@@ -325,7 +342,9 @@ class SWEEnv(Environment):
         self._instance = instance
         self._deadline = time.monotonic() + self.config.episode_timeout_s
         spec = self.config.sandbox_spec()
-        self._workspace = await asyncio.to_thread(open_workspace, instance, spec, scrub=True)
+        self._workspace = await asyncio.to_thread(
+            open_workspace, instance, spec, scrub=instance.verifier is None
+        )
         self._info.update({k: round(v, 4) for k, v in self._workspace.timings.items()})
         if self.config.leak_check:
             leaks = await asyncio.to_thread(find_leaks, self._workspace, instance)
@@ -370,7 +389,7 @@ class SWEEnv(Environment):
         except tools.FormatError as e:
             return await self._format_error(str(e))
         if call is None:
-            if self._submission is not None:
+            if self._submission is not None or self._instance.verifier == "harbor":
                 return await self._finish("submitted")
             return await self._format_error(
                 "no tool call; use one tool per reply (<tool: NAME> ... </tool>)"
@@ -490,6 +509,9 @@ class SWEEnv(Environment):
         self._done = True
         config = self.config
         self._info["end"] = reason
+        status = "ok" if reason == "submitted" else "truncated"
+        if self._instance is not None and self._instance.verifier == "harbor":
+            return await self._verify_in_place(status)  # the container is the answer
         patch = self._submission
         if patch is None and config.score_unsubmitted and self._workspace is not None:
             try:
@@ -499,7 +521,6 @@ class SWEEnv(Environment):
                 patch = result.stdout_text if result.ok else None
             except SandboxError as e:
                 return self._env_error(f"reading the working tree's diff failed: {e}")
-        status = "ok" if reason == "submitted" else "truncated"
         self._info["submitted"] = self._submission is not None
         if patch is None:
             return StepResult(
@@ -523,6 +544,30 @@ class SWEEnv(Environment):
             )
         return StepResult(
             messages=[], done=True, reward=verdict.reward, status=status, info=self._info
+        )
+
+    async def _verify_in_place(self, status: str) -> StepResult:
+        """Harbor: the task's tests run in the agent's own container (envs/swe/harbor.py)."""
+        from envs.swe import harbor
+
+        assert self._instance is not None and self._workspace is not None
+        scale = self.config.reward_scale
+        try:
+            reward, log = await asyncio.to_thread(harbor.verify, self._workspace, self._instance)
+        except SandboxError as e:
+            return self._env_error(f"the Harbor verifier failed: {e}")
+        finally:
+            await self._release_workspace()
+        resolved = reward is not None and reward >= 1.0
+        self._info.update(
+            resolved=resolved, verifier_reward=reward, integrity="in-place", log_tail=log[-2000:]
+        )
+        return StepResult(
+            messages=[],
+            done=True,
+            reward=scale if resolved else -scale,
+            status=status,
+            info=self._info,
         )
 
     async def _release_workspace(self) -> None:

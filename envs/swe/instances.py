@@ -89,6 +89,11 @@ class SWEInstance:
     # graded by comparison (R2E-Gym): every test's outcome (pass / fail / skip) must equal this
     # map, the same tests and no more (None: FAIL_TO_PASS / PASS_TO_PASS)
     expected: dict | None = None
+    # "harbor": a Harbor task (envs/swe/harbor.py): no patch; the agent's container is the
+    # answer, verified in place by the task's tests/test.sh after the episode
+    verifier: str | None = None
+    task_dir: str | None = None  # harbor: the task directory (tests/, solution/, environment/)
+    verifier_timeout_s: float = 600.0
     extra: dict = field(default_factory=dict)  # other fields of the record, kept for analysis
 
     def __post_init__(self) -> None:
@@ -101,6 +106,8 @@ class SWEInstance:
         for path in self.hidden_paths:
             if not path.startswith("/") or posixpath.normpath(path) != path or path == "/":
                 raise ValueError(f"hidden path {path!r} must be an absolute, normal path")
+        if self.verifier not in (None, "harbor"):
+            raise ValueError(f"verifier must be None or 'harbor', got {self.verifier!r}")
         if self.image_user not in ("root", "image", "sandbox"):
             raise ValueError(f"image_user must be root, image or sandbox, got {self.image_user!r}")
 
@@ -170,7 +177,9 @@ def instance_from_record(
     if not isinstance(problem, str) or not problem.strip():
         raise ValueError("field 'problem_statement' must be a non-empty string")
     oracle = _first(record, PATCH_FIELDS)
-    if not isinstance(oracle, str) or not oracle.strip():
+    if record.get("verifier") == "harbor" and oracle is None:
+        oracle = ""  # verified in place: the oracle is the task's solution/, not a patch
+    elif not isinstance(oracle, str) or not oracle.strip():
         raise ValueError("field 'patch' (the oracle patch) must be a non-empty string")
     test_patch = record.get("test_patch") or ""
     if not isinstance(test_patch, str):
@@ -198,6 +207,7 @@ def instance_from_record(
     known |= {"test_patch", "FAIL_TO_PASS", "PASS_TO_PASS", "fail_to_pass", "pass_to_pass"}
     known |= {"base_commit", "repo", "repo_dir", "repo_path", "image_user", "log_parser"}
     known |= {"base_branch", "base_patch", "shell_init", "hidden_paths", "expected"}
+    known |= {"verifier", "task_dir", "verifier_timeout_s"}
     extra = {k: v for k, v in record.items() if k not in known}
     return SWEInstance(
         instance_id=str(instance_id),
@@ -219,6 +229,9 @@ def instance_from_record(
         shell_init=str(record.get("shell_init") or ""),
         hidden_paths=tuple(record.get("hidden_paths") or ()),
         expected=record.get("expected") or None,
+        verifier=record.get("verifier") or None,
+        task_dir=record.get("task_dir") or None,
+        verifier_timeout_s=float(record.get("verifier_timeout_s") or 600.0),
         extra=extra,
     )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from envs.swe.instances import SWEInstance
 from envs.swe.scoring import ScoreResult, score_patch
 from envs.swe.workspace import SandboxSpec
+from sandbox.base import SandboxError
 
 
 @dataclass
@@ -71,11 +72,48 @@ def image_problem(instance: SWEInstance, spec: SandboxSpec) -> str | None:
     return None
 
 
+def _harbor_run(instance: SWEInstance, spec: SandboxSpec, solve: bool, timeout_s: float) -> float:
+    """A fresh container of a Harbor task, its solution run or not, then its verifier: the
+    reward (None where the verifier wrote none)."""
+    from envs.swe import harbor
+    from envs.swe.workspace import open_workspace
+
+    workspace = open_workspace(instance, spec, scrub=False)
+    try:
+        if solve:
+            harbor.run_solution(workspace, instance, timeout_s)
+        return harbor.verify(workspace, instance)[0]
+    finally:
+        workspace.close()
+
+
+def _check_harbor(instance: SWEInstance, spec: SandboxSpec, check: Check, timeout_s: float) -> None:
+    try:
+        gold = _harbor_run(instance, spec, True, timeout_s)
+        check.gold = 1.0 if gold is not None and gold >= 1 else -1.0
+        if check.gold < 0:
+            check.reason = f"the solution scores {gold} (the verifier's reward), not 1"
+            return
+        empty = _harbor_run(instance, spec, False, timeout_s)
+    except SandboxError as e:
+        check.reason = f"reward unavailable: {e}"[:300]
+        return
+    check.empty = 1.0 if empty is not None and empty >= 1 else -1.0
+    if check.empty > 0:
+        check.reason = "the untouched container passes: the verifier does not test the task"
+    else:
+        check.ok = True
+
+
 def check_instance(
     instance: SWEInstance, spec: SandboxSpec, *, timeout_s: float = 300.0, scale: float = 1.0
 ) -> Check:
     start = time.monotonic()
     check = Check(instance.instance_id, ok=False)
+    if instance.verifier == "harbor":
+        _check_harbor(instance, spec, check, timeout_s)
+        check.seconds = time.monotonic() - start
+        return check
     problem = image_problem(instance, spec)
     if problem is not None:
         check.reason = problem

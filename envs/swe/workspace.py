@@ -265,6 +265,14 @@ def open_workspace(
     state dir's `hidden/` ("stash": the scorer's, whose test command runs them)."""
     if hide not in ("delete", "stash"):
         raise ValueError(f"hide must be delete or stash, got {hide!r}")
+    if instance.verifier == "harbor":  # a container is the task: no repository to scrub
+        if spec.backend != "docker":
+            raise SandboxError(f"{instance.instance_id}: Harbor tasks need the docker backend")
+        from envs.swe import harbor
+        from sandbox.docker import resolve_docker_host, shared_client
+
+        harbor.ensure_image(instance, shared_client(spec.docker_host or resolve_docker_host()))
+        scrub = False
     start = time.monotonic()
     sandbox, in_image = _start_sandbox(instance, spec)
     started = time.monotonic()
