@@ -307,6 +307,20 @@ def test_validate_swe_passes_every_fixture_and_names_a_broken_one(lookalikes, tm
     assert "failed: fixture__sympyish-1" in done.stdout
     row = next(line for line in done.stdout.splitlines() if line.startswith("fixture__sympyish-1"))
     assert "FAIL" in row and "gold patch does not apply" in row
+    # a record whose base commit is not the image's: the set-up says so
+    records[0]["base_commit"] = "0" * 40
+    stale = tmp_path / "stale.jsonl"
+    stale.write_text(json.dumps(records[0]) + "\n")
+    done = subprocess.run(
+        [*command[:3], str(stale), *command[4:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1 and "not the instance's base commit 0000" in done.stdout, (
+        done.stdout
+    )
     # and a run on that data refuses to start, naming the instance
     env = swe_env(broken, validate_first=3)
     with pytest.raises(DataError, match="fixture__sympyish-1.*failed validation"):

@@ -94,6 +94,9 @@ class SWEInstance:
     verifier: str | None = None
     task_dir: str | None = None  # harbor: the task directory (tests/, solution/, environment/)
     verifier_timeout_s: float = 600.0
+    # the commit the image's repository must be at (SWE-bench: base_commit); a mismatch fails
+    # the set-up loudly instead of training on the wrong code
+    expect_head: str | None = None
     extra: dict = field(default_factory=dict)  # other fields of the record, kept for analysis
 
     def __post_init__(self) -> None:
@@ -207,7 +210,7 @@ def instance_from_record(
     known |= {"test_patch", "FAIL_TO_PASS", "PASS_TO_PASS", "fail_to_pass", "pass_to_pass"}
     known |= {"base_commit", "repo", "repo_dir", "repo_path", "image_user", "log_parser"}
     known |= {"base_branch", "base_patch", "shell_init", "hidden_paths", "expected"}
-    known |= {"verifier", "task_dir", "verifier_timeout_s"}
+    known |= {"verifier", "task_dir", "verifier_timeout_s", "expect_head"}
     extra = {k: v for k, v in record.items() if k not in known}
     return SWEInstance(
         instance_id=str(instance_id),
@@ -232,6 +235,7 @@ def instance_from_record(
         verifier=record.get("verifier") or None,
         task_dir=record.get("task_dir") or None,
         verifier_timeout_s=float(record.get("verifier_timeout_s") or 600.0),
+        expect_head=record.get("expect_head") or None,
         extra=extra,
     )
 

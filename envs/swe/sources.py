@@ -159,6 +159,7 @@ def from_swebench(
     native.setdefault("repo_path", SWEBENCH_REPO_PATH)
     native.setdefault("image_user", "image")
     native.setdefault("shell_init", SWEBENCH_ACTIVATE)  # the agent works in the testbed env
+    native.setdefault("expect_head", record["base_commit"])  # the image's /testbed is there
     if not any(native.get(k) for k in ("test_cmd", "test_command", "eval_cmd")):
         script = record.get("eval_script")
         if isinstance(script, str) and script.strip():

@@ -51,7 +51,7 @@ DOCKER_ENV = {
 
 SETUP_SCRIPT = r"""
 set -e
-state=$1; repo=$2; tarball=$3; scrub=$4; branch=$5; basepatch=$6; hide=$7; hidden=$8
+state=$1; repo=$2; tarball=$3; scrub=$4; branch=$5; basepatch=$6; hide=$7; hidden=$8; head=$9
 mkdir -p "$state"
 if [ -n "$tarball" ]; then
   mkdir -p "$repo"
@@ -59,6 +59,10 @@ if [ -n "$tarball" ]; then
   rm -f "$tarball"
 fi
 cd "$repo"
+if [ -n "$head" ] && [ "$(git rev-parse HEAD 2>&1)" != "$head" ]; then
+  echo "the repository is at $(git rev-parse HEAD 2>&1), not the instance's base commit $head" >&2
+  exit 6
+fi
 if [ -n "$hidden" ]; then  # out of the agent's reach (delete), or the scorer's (stash)
   mkdir -p "$state/hidden"
   printf '%s\n' "$hidden" | while IFS= read -r path; do
@@ -292,7 +296,7 @@ def open_workspace(
             sandbox.write_file(f"{STATE_DIR}/base.patch", instance.base_patch)
         argv = ["bash", "-c", SETUP_SCRIPT, "swe-setup", state_dir, repo_path, tarball]
         argv += ["1" if scrub else "0", instance.base_branch or "", base_patch]
-        argv += [hide, "\n".join(instance.hidden_paths)]
+        argv += [hide, "\n".join(instance.hidden_paths), instance.expect_head or ""]
         result = sandbox.exec(argv, SETUP_TIMEOUT_S)
         if not result.ok:
             detail = (result.stderr_text + result.stdout_text).strip()[-800:]
