@@ -456,25 +456,9 @@ def build_swesmith(root: Path, client) -> dict[str, dict]:
 # never committed), the hidden tests at /r2e_tests and their script at /testbed/run_tests.sh
 # (untracked); expected outcomes include a test that fails even with the fix
 
-R2E_HIDDEN_TESTS = """\
-import unittest
-
-from stats import clamp, mean, median
-
-
-class HiddenTests(unittest.TestCase):
-    def test_mean(self):
-        self.assertEqual(mean([1, 2, 3, 4]), 2.5)
-
-    def test_median(self):
-        self.assertEqual(median([3, 1, 4, 2]), 2.5)
-
-    def test_clamp(self):
-        self.assertEqual(clamp(12, 0, 10), 10)
-
-    def test_known_failure(self):
-        self.assertEqual(mean([1]), 2)
-"""
+R2E_HIDDEN_TESTS = STATS_TESTS.replace("StatsTests", "HiddenTests") + (
+    "\n    def test_known_failure(self):\n        self.assertEqual(mean([1]), 2)\n"
+)
 R2E_RUN_TESTS = "#!/bin/bash\npython3 -m unittest -v r2e_tests.test_hidden 2>&1\n"
 
 

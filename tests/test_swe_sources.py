@@ -63,6 +63,24 @@ def instance(**fields) -> SWEInstance:
     return instance_from_record(from_swebench({**RAW, **fields}, namespace=None))
 
 
+def run_episode(env: SWEEnv, task, replies: list[str]) -> tuple[list, list]:
+    """Reset, then one step per reply until done: (the first messages, the step results)."""
+
+    async def episode():
+        results = []
+        try:
+            first = await env.reset(task)
+            for reply in replies:
+                results.append(await env.step(reply))
+                if results[-1].done:
+                    break
+            return first, results
+        finally:
+            await env.close()
+
+    return asyncio.run(episode())
+
+
 # ---------------------------------------------------------------------------------------------
 # Records
 
@@ -370,19 +388,7 @@ def test_a_scripted_agent_fixes_a_swe_bench_instance(lookalikes) -> None:
         "Fixed add().",
     ]
 
-    async def episode():
-        results = []
-        try:
-            first = await env.reset(task)
-            for reply in replies:
-                results.append(await env.step(reply))
-                if results[-1].done:
-                    break
-            return first, results
-        finally:
-            await env.close()
-
-    first, results = asyncio.run(episode())
+    first, results = run_episode(env, task, replies)
     assert "repository is at /testbed" in first[1]["content"]
     texts = [r.messages[0]["content"] for r in results[:-1]]
     assert "OK" in texts[0] and "testbed" in texts[0]
@@ -489,19 +495,7 @@ def test_a_swesmith_episode_starts_from_the_bug_with_the_fix_unreachable(smith) 
             "Done.",
         ]
 
-        async def episode(task=task, replies=replies):
-            results = []
-            try:
-                await env.reset(task)
-                for reply in replies:
-                    results.append(await env.step(reply))
-                    if results[-1].done:
-                        break
-                return results
-            finally:
-                await env.close()
-
-        results = asyncio.run(episode())
+        _, results = run_episode(env, task, replies)
         texts = [r.messages[0]["content"] for r in results[:-1]]
         history, missing, dirty = texts[0].split("\n")[:3]
         assert history == "1" and "fatal" in missing and dirty == "0", texts[0]
@@ -641,19 +635,7 @@ def test_an_r2e_episode_cannot_see_the_hidden_tests(r2e) -> None:
         "Done.",
     ]
 
-    async def episode():
-        results = []
-        try:
-            await env.reset(task)
-            for reply in replies:
-                results.append(await env.step(reply))
-                if results[-1].done:
-                    break
-            return results
-        finally:
-            await env.close()
-
-    results = asyncio.run(episode())
+    _, results = run_episode(env, task, replies)
     seen = results[0].messages[0]["content"]
     assert seen.count("No such file") == 2 and seen.split("\n")[2] == "0", seen
     assert (results[-1].status, results[-1].reward) == ("ok", 1.0), results[-1].info
@@ -741,20 +723,8 @@ def test_a_harbor_episode_is_verified_in_its_container_and_a_planted_reward_is_v
     )
     tasks = {t.payload["instance_id"]: t for t in env.load_tasks("train") + env.load_tasks("test")}
 
-    async def episode(task, replies):
-        results = []
-        try:
-            first = await env.reset(task)
-            for reply in replies:
-                results.append(await env.step(reply))
-                if results[-1].done:
-                    break
-            return first, results
-        finally:
-            await env.close()
-
     plant = "<tool: bash>\nmkdir -p /logs/verifier 2>&1; echo 1 > /logs/verifier/reward.txt; ls /tests 2>&1\n</tool>"
-    first, results = asyncio.run(episode(tasks["fix-calc"], [plant, "Done (not really)."]))
+    first, results = run_episode(env, tasks["fix-calc"], [plant, "Done (not really)."])
     assert (
         "Your working directory is /app" in first[1]["content"]
         and "subtracts" in first[1]["content"]
@@ -763,7 +733,7 @@ def test_a_harbor_episode_is_verified_in_its_container_and_a_planted_reward_is_v
     last = results[-1]
     assert (last.status, last.reward, last.info["verifier_reward"]) == ("ok", -1.0, 0.0), last.info
     fix = "<tool: bash>\nsed -i 's/a - b/a + b/' calc.py && python3 -c 'from calc import add; print(add(2, 3))'\n</tool>"
-    _, results = asyncio.run(episode(tasks["fix-calc"], [fix, "Fixed."]))
+    _, results = run_episode(env, tasks["fix-calc"], [fix, "Fixed."])
     assert results[0].messages[0]["content"].startswith("5")
     assert (results[-1].status, results[-1].reward, results[-1].info["integrity"]) == (
         "ok",
