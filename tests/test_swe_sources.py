@@ -173,7 +173,7 @@ def test_load_instances_reads_swebench_jsonl_and_refuses_an_unknown_parser(tmp_p
     assert got[0].image == "swebench/sweb.eval.x86_64.django_1776_django-11099:latest"
     assert load_instances(path, on_bad_line="skip") == []  # native: no image, no repo_dir
     path.write_text(json.dumps({**RAW, "log_parser": "parse_log_cobol"}) + "\n")
-    env = SWEEnv({"source": "swebench", "path": str(path), "validate_first": 0})
+    env = swe_env(path, "swebench")
     with pytest.raises(DataError, match="no log parser 'parse_log_cobol'"):
         env.load_tasks("train")
 
@@ -264,44 +264,52 @@ def test_a_patch_that_names_the_hidden_tests_is_flagged() -> None:
 # Offline SWE-bench look-alikes in Podman
 
 
-@pytest.fixture(scope="module")
-def lookalikes(tmp_path_factory):
+def docker_client():
     from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
 
     reason = docker_unavailable_reason()
     require("docker", reason is None, reason or "")
-    root = tmp_path_factory.mktemp("swebench")
-    built = swe_fixtures.build(root, shared_client(resolve_docker_host()))
+    return shared_client(resolve_docker_host())
+
+
+def build_source(tmp_path_factory, name: str, build) -> dict:
+    """Build a source's look-alikes (images in Podman) and write its records as JSONL."""
+    root = tmp_path_factory.mktemp(name)
+    built = build(root, docker_client())
     path = root / "instances.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in built["records"].values()))
-    return {"path": path, "wrong": built["wrong"], "root": root}
+    return {**built, "path": path, "root": root}
 
 
-def swe_env(path: Path, **overrides) -> SWEEnv:
+@pytest.fixture(scope="module")
+def lookalikes(tmp_path_factory):
+    return build_source(tmp_path_factory, "swebench", swe_fixtures.build)
+
+
+def swe_env(path: Path, source: str = "swebench", **overrides) -> SWEEnv:
     config = {
-        "source": "swebench",
+        "source": source,
         "path": str(path),
         "backend": "docker",
-        "image_namespace": None,
         "command_timeout_s": 30.0,
         "scoring_timeout_s": 120.0,
         "validate_first": 0,
     }
+    if source == "swebench":
+        config["image_namespace"] = None  # the look-alikes have local names
     return SWEEnv({**config, **overrides})
 
 
+def validate_swe(data: Path, source: str) -> subprocess.CompletedProcess:
+    """`python -m launch.validate_swe DATA --source SOURCE`, as a user runs it."""
+    command = [sys.executable, "-m", "launch.validate_swe", str(data), "--source", source]
+    if source == "swebench":
+        command += ["--image-namespace", ""]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def test_validate_swe_passes_every_fixture_and_names_a_broken_one(lookalikes, tmp_path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "launch.validate_swe",
-        str(lookalikes["path"]),
-        "--source",
-        "swebench",
-        "--image-namespace",
-        "",
-    ]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = validate_swe(lookalikes["path"], "swebench")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split() for line in done.stdout.splitlines()[1:4]]
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
@@ -314,13 +322,7 @@ def test_validate_swe_passes_every_fixture_and_names_a_broken_one(lookalikes, tm
     records[2]["patch"] = records[2]["patch"].replace("-    return a", "-    return a  # not there")
     broken = tmp_path / "broken.jsonl"
     broken.write_text("".join(json.dumps(r) + "\n" for r in records))
-    done = subprocess.run(
-        [*command[:3], str(broken), *command[4:]],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = validate_swe(broken, "swebench")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "failed: fixture__sympyish-1" in done.stdout
     row = next(line for line in done.stdout.splitlines() if line.startswith("fixture__sympyish-1"))
@@ -329,13 +331,7 @@ def test_validate_swe_passes_every_fixture_and_names_a_broken_one(lookalikes, tm
     records[0]["base_commit"] = "0" * 40
     stale = tmp_path / "stale.jsonl"
     stale.write_text(json.dumps(records[0]) + "\n")
-    done = subprocess.run(
-        [*command[:3], str(stale), *command[4:]],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = validate_swe(stale, "swebench")
     assert done.returncode == 1 and "not the instance's base commit 0000" in done.stdout, (
         done.stdout
     )
@@ -432,32 +428,14 @@ def test_reverse_patch_undoes_a_patch(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def smith(tmp_path_factory):
-    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
-
-    reason = docker_unavailable_reason()
-    require("docker", reason is None, reason or "")
-    root = tmp_path_factory.mktemp("swesmith")
-    built = swe_fixtures.build_swesmith(root, shared_client(resolve_docker_host()))
-    path = root / "instances.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in built["records"].values()))
-    return {"path": path, "wrong": built["wrong"], "repo": built["repo"]}
+    return build_source(tmp_path_factory, "swesmith", swe_fixtures.build_swesmith)
 
 
 def test_validate_swe_passes_the_swesmith_fixtures_and_wrong_patches_fail(smith) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "launch.validate_swe",
-        str(smith["path"]),
-        "--source",
-        "swesmith",
-    ]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = validate_swe(smith["path"], "swesmith")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3/3 instances valid" in done.stdout
-    env = SWEEnv(
-        {"source": "swesmith", "path": str(smith["path"]), "backend": "docker", "validate_first": 0}
-    )
+    env = swe_env(smith["path"], "swesmith")
     spec = env.config.sandbox_spec()
     for inst in env.instances():
         assert inst.base_branch == inst.instance_id and inst.base_patch
@@ -474,15 +452,7 @@ def test_validate_swe_passes_the_swesmith_fixtures_and_wrong_patches_fail(smith)
 def test_a_swesmith_episode_starts_from_the_bug_with_the_fix_unreachable(smith) -> None:
     """Both ways in (the image's branch, or the bug patch where the branch is missing) start at
     the buggy code with a history in which the clean commit (the fix) cannot be found."""
-    env = SWEEnv(
-        {
-            "source": "swesmith",
-            "path": str(smith["path"]),
-            "backend": "docker",
-            "validate_first": 0,
-            "command_timeout_s": 30.0,
-        }
-    )
+    env = swe_env(smith["path"], "swesmith", command_timeout_s=30.0)
     clean = swe_fixtures._git(smith["repo"], "rev-parse", "main")
     tasks = {t.payload["instance_id"]: t for t in env.load_tasks("train") + env.load_tasks("test")}
     for instance_id, (buggy, _) in list(swe_fixtures.SMITH_BUGS.items())[1:]:
@@ -579,25 +549,14 @@ def test_an_r2e_record_reads_its_image_oracle_and_expected_outcomes(tmp_path) ->
 
 @pytest.fixture(scope="module")
 def r2e(tmp_path_factory):
-    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
-
-    reason = docker_unavailable_reason()
-    require("docker", reason is None, reason or "")
-    root = tmp_path_factory.mktemp("r2e")
-    built = swe_fixtures.build_r2e(root, shared_client(resolve_docker_host()))
-    path = root / "instances.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in built["records"].values()))
-    return {"path": path, "wrong": built["wrong"]}
+    return build_source(tmp_path_factory, "r2e", swe_fixtures.build_r2e)
 
 
 def test_validate_swe_passes_the_r2e_fixtures_and_the_hidden_tests_cannot_be_forged(r2e) -> None:
-    command = [sys.executable, "-m", "launch.validate_swe", str(r2e["path"]), "--source", "r2e"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = validate_swe(r2e["path"], "r2e")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3/3 instances valid" in done.stdout
-    env = SWEEnv(
-        {"source": "r2e", "path": str(r2e["path"]), "backend": "docker", "validate_first": 0}
-    )
+    env = swe_env(r2e["path"], "r2e")
     spec = env.config.sandbox_spec()
     for inst in env.instances():
         verdict = score_patch(inst, r2e["wrong"][inst.image], spec, timeout_s=120)
@@ -618,15 +577,7 @@ def test_validate_swe_passes_the_r2e_fixtures_and_the_hidden_tests_cannot_be_for
 
 
 def test_an_r2e_episode_cannot_see_the_hidden_tests(r2e) -> None:
-    env = SWEEnv(
-        {
-            "source": "r2e",
-            "path": str(r2e["path"]),
-            "backend": "docker",
-            "validate_first": 0,
-            "command_timeout_s": 30.0,
-        }
-    )
+    env = swe_env(r2e["path"], "r2e", command_timeout_s=30.0)
     task = (env.load_tasks("train") + env.load_tasks("test"))[0]
     replies = [
         "<tool: bash>\nls /r2e_tests run_tests.sh 2>&1; find / -name test_hidden.py 2>/dev/null | wc -l\n</tool>",
@@ -647,12 +598,7 @@ def test_an_r2e_episode_cannot_see_the_hidden_tests(r2e) -> None:
 
 @pytest.fixture(scope="module")
 def harbor_tasks(tmp_path_factory):
-    from sandbox.docker import docker_unavailable_reason, resolve_docker_host, shared_client
-
-    reason = docker_unavailable_reason()
-    require("docker", reason is None, reason or "")
-    root = tmp_path_factory.mktemp("harbor")
-    return swe_fixtures.build_harbor(root, shared_client(resolve_docker_host()))
+    return swe_fixtures.build_harbor(tmp_path_factory.mktemp("harbor"), docker_client())
 
 
 def test_harbor_tasks_load_and_bad_ones_are_named(tmp_path) -> None:
@@ -688,8 +634,7 @@ def test_harbor_tasks_load_and_bad_ones_are_named(tmp_path) -> None:
 def test_validate_swe_runs_each_harbor_solution_and_names_a_broken_one(
     harbor_tasks, tmp_path
 ) -> None:
-    command = [sys.executable, "-m", "launch.validate_swe", str(harbor_tasks), "--source", "harbor"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = validate_swe(harbor_tasks, "harbor")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3/3 instances valid" in done.stdout
     import shutil
@@ -699,28 +644,14 @@ def test_validate_swe_runs_each_harbor_solution_and_names_a_broken_one(
     (broken / "sum-report" / "solution" / "solve.sh").write_text(
         "echo '{\"total\": 11}' > report.json\n"
     )
-    done = subprocess.run(
-        [*command[:3], str(broken), *command[4:]],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = validate_swe(broken, "harbor")
     assert done.returncode == 1 and "failed: sum-report" in done.stdout, done.stdout + done.stderr
 
 
 def test_a_harbor_episode_is_verified_in_its_container_and_a_planted_reward_is_void(
     harbor_tasks,
 ) -> None:
-    env = SWEEnv(
-        {
-            "source": "harbor",
-            "path": str(harbor_tasks),
-            "backend": "docker",
-            "validate_first": 0,
-            "command_timeout_s": 30.0,
-        }
-    )
+    env = swe_env(harbor_tasks, "harbor", command_timeout_s=30.0)
     tasks = {t.payload["instance_id"]: t for t in env.load_tasks("train") + env.load_tasks("test")}
 
     plant = "<tool: bash>\nmkdir -p /logs/verifier 2>&1; echo 1 > /logs/verifier/reward.txt; ls /tests 2>&1\n</tool>"
