@@ -26,7 +26,7 @@ from model.loader import ModelSpec
 from rl import grpo
 from rl.health import FailuresConfig
 from rl.learner import LearnerConfig
-from rl.rollout import RolloutConfig
+from rl.rollout import DEFAULT_EPISODE_TIMEOUT_S, RolloutConfig
 from rl.schema import ConfigError, build
 from rl.weights import WeightSyncConfig
 
@@ -160,7 +160,7 @@ RULES: dict[str, Rule] = {
     "rollout.temperature": ge(0),
     "rollout.top_p": between(0, 1, low_open=True),
     "rollout.top_k": ge(0, integer=True),
-    "rollout.episode_timeout_s": gt(0),
+    "rollout.episode_timeout_s": optional(gt(0)),
     "rollout.max_batch": ge(1, integer=True),
     "rollout.reasoning": ANY,
     "rollout.threads": ge(1, integer=True),
@@ -253,8 +253,9 @@ def _value(cfg: Any, key: str) -> Any:
 def resolve(cfg: RunConfig) -> RunConfig:
     """Derived values, set before validation: the learner's log-probs are those of the
     distribution the sampler draws from (temperature; greedy rollouts report plain log-softmax,
-    i.e. temperature 1), truncated as the sampler truncates (top_k, top_p). Explicit learner
-    values that differ are left for _check."""
+    i.e. temperature 1), truncated as the sampler truncates (top_k, top_p); the rollout's
+    episode timeout above every environment's own limits. Explicit values that differ are left
+    for _check."""
     r, learner = cfg.rollout, cfg.learner
     greedy = r.temperature == 0  # greedy rollouts report the plain log-softmax
     if learner.temperature is None:
@@ -263,7 +264,20 @@ def resolve(cfg: RunConfig) -> RunConfig:
         learner.top_k = 0 if greedy else r.top_k
     if learner.top_p is None:
         learner.top_p = 1.0 if greedy else r.top_p
+    if r.episode_timeout_s is None:  # the rollout's safety net above every env's own end
+        longest = [s for s in (_episode_seconds(n, sec) for n, sec in cfg.envs.items()) if s]
+        r.episode_timeout_s = max([DEFAULT_EPISODE_TIMEOUT_S] + [s + 60.0 for s in longest])
     return cfg
+
+
+def _episode_seconds(name: str, section: EnvSection) -> float | None:
+    """How long an episode of env `name` may take by its own limits (None: unknown or unset;
+    an invalid section is left for _check to name)."""
+    try:
+        env_cls = registry.get(name)
+        return env_cls.episode_seconds(env_cls.validate_config(section.config))
+    except (KeyError, ConfigError):
+        return None
 
 
 def _check(cfg: RunConfig) -> None:

@@ -35,6 +35,7 @@ from rl.buffer import Buffer, Group
 from rl.config import RunConfig, to_yaml
 from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
 from rl.learner import start_learners
+from rl.rollout import DEFAULT_EPISODE_TIMEOUT_S
 from rl.runlog import RunLog, eval_table, provenance
 from rl.tasks import TaskSource, derive_seed
 from rl.types import Job, Trajectory
@@ -424,9 +425,8 @@ class Orchestrator:
                 item.group.trajectories = [Trajectory.from_dict(t) for t in result[0]]
                 self.buffer.add(item.group)
         if inflight:  # let in-flight episodes finish so no actor is killed mid-call
-            ray.wait(
-                list(inflight), num_returns=len(inflight), timeout=cfg.rollout.episode_timeout_s
-            )
+            timeout = cfg.rollout.episode_timeout_s or DEFAULT_EPISODE_TIMEOUT_S
+            ray.wait(list(inflight), num_returns=len(inflight), timeout=timeout)
 
     def _train(self, groups: list[Group]) -> Training:
         """Start a learner step on `groups` at policy version self.version on every rank (each

@@ -29,6 +29,8 @@ from rl.tasks import derive_seed
 from rl.types import Job, Trajectory
 from rl.weights import WeightGroup, from_arrays, merge_buckets, recv_weights
 
+DEFAULT_EPISODE_TIMEOUT_S = 600.0  # rollout.episode_timeout_s where no env asks for longer
+
 
 @dataclass
 class RolloutConfig:
@@ -40,7 +42,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    episode_timeout_s: float = 600.0  # wall clock per episode; past it: status timeout
+    # wall clock per episode; past it: status timeout (excluded). None: resolved by rl/config.py
+    # to the longest any of the run's environments may take by its own limits, at least 600
+    episode_timeout_s: float | None = None
     max_batch: int = 64  # requests per engine call
     reasoning: bool = False  # CWM's <think> format
     threads: int = 1  # torch threads of each worker process
@@ -243,7 +247,7 @@ class RolloutWorker:
 
         batcher = self.batcher
         try:
-            async with asyncio.timeout(cfg.episode_timeout_s):
+            async with asyncio.timeout(cfg.episode_timeout_s or DEFAULT_EPISODE_TIMEOUT_S):
                 t = time.monotonic()
                 first = await env.reset(task)
                 timing["env_s"] += time.monotonic() - t

@@ -58,6 +58,21 @@ def test_swe_gym_config_names_swe_gym_images_and_ends_overruns_in_the_env(tmp_pa
         load_config(CONFIGS / "swe_gym.yaml", ["rollout.episode_timeout_s=3700"])
 
 
+def test_the_rollout_timeout_resolves_above_every_env_and_an_explicit_one_is_checked():
+    """Left unset, rollout.episode_timeout_s covers the longest episode any env allows (its
+    deadline, then scoring); set, it must, or the rollout's cut-off (an excluded timeout) would
+    pre-empt the env's own end of an overrunning episode (the agent's failure, trained on)."""
+    from envs.swe.env import SWEEnv
+
+    swe = ["envs.swe.config.source=builtin", "envs.swe.config.episode_timeout_s=1000"]
+    cfg = load_config(CONFIGS / "tiny_math.yaml", swe)
+    longest = SWEEnv.episode_seconds(SWEEnv.validate_config(cfg.envs["swe"].config))
+    assert longest >= 1000 + 300 and cfg.rollout.episode_timeout_s > longest
+    assert load_config(CONFIGS / "tiny_math.yaml").rollout.episode_timeout_s == 600.0
+    with pytest.raises(ConfigError, match="rollout.episode_timeout_s.*env 'swe'"):
+        load_config(CONFIGS / "tiny_math.yaml", [*swe, "rollout.episode_timeout_s=1200"])
+
+
 def test_failures_section_has_run_safe_defaults():
     cfg = load_config(CONFIGS / "smoke.yaml")
     f = cfg.failures

@@ -208,8 +208,9 @@ class SWEEnv(Environment):
 
     @classmethod
     def episode_seconds(cls, config: SWEConfig) -> float:
-        # the agent's deadline, then scoring (which does not count against it)
-        return config.episode_timeout_s + config.scoring_timeout_s
+        # the agent's deadline (set before the sandbox starts), then scoring, which does not count
+        # against it, and the scoring sandbox's own start
+        return config.episode_timeout_s + config.scoring_timeout_s + SCORING_MARGIN_S
 
     def __init__(self, config: SWEConfig | Mapping | None = None) -> None:
         super().__init__(config)
