@@ -361,3 +361,55 @@ def test_reaper_removes_expired_containers(docker_url) -> None:
             stale.remove(force=True)
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The long-lived shell (an agent's bash session)
+
+
+def test_the_shell_keeps_state_like_a_terminal(sandbox: DockerSandbox) -> None:
+    """cwd, unexported variables, aliases, functions, options and background jobs carry over;
+    a command cannot read the session's own input; quoting and here-documents cannot break it."""
+    shell = sandbox.start_shell(sandbox.workdir, "export INIT=yes")
+    steps = [
+        (
+            "mkdir -p d && cd d && X=plain && alias ll='ls -d' && f() { echo fn; } && set -o noglob",
+            "",
+        ),
+        ("sleep 61 & echo $! > /tmp/job", ""),
+        (
+            "pwd; echo $X $INIT; ll .; f; echo *; jobs | wc -l",
+            f"{sandbox.workdir}/d\nplain yes\n.\nfn\n*\n1\n",
+        ),
+        ("read line; echo got:$line", "got:\n"),
+        ("cat <<'EOF'\nit's \"quoted\" $X\nEOF", 'it\'s "quoted" $X\n'),
+        ("echo err >&2; (exit 7)", "err\n"),
+    ]
+    for command, expected in steps:
+        result = shell.run(command, timeout=10)
+        assert result.stdout_text == expected, (command, result)
+    assert result.exit_code == 7 and shell.alive
+    shell.close()
+    assert not shell.alive
+    after = sandbox.exec("ps -e -o args= | grep -c '^sleep 61' || true", timeout=10)
+    assert after.stdout_text.strip() == "0"  # the background job died with the shell
+
+
+def test_a_shell_command_past_its_deadline_ends_the_shell_and_its_jobs(
+    sandbox: DockerSandbox,
+) -> None:
+    shell = sandbox.start_shell(sandbox.workdir)
+    shell.run("sleep 300 & X=1", timeout=10)
+    start = time.monotonic()
+    result = shell.run("echo before; sleep 30", timeout=1)
+    assert result.timed_out and result.stdout_text == "before\n" and not shell.alive
+    assert time.monotonic() - start < 10
+    with pytest.raises(SandboxError, match="start another"):
+        shell.run("true", timeout=5)
+    fresh = sandbox.start_shell(sandbox.workdir)
+    result = fresh.run(
+        "echo ${X:-unset}; jobs | wc -l; ps -e -o args= | grep -c '^sleep 300' || true", timeout=10
+    )
+    assert result.stdout_text.split() == ["unset", "0", "0"]
+    result = fresh.run("exit 3", timeout=10)
+    assert not fresh.alive and result.exit_code != 0

@@ -447,6 +447,24 @@ def test_docker_scripted_agent_and_hostile_actions(docker_tasks_dir, use_task_im
     assert took < 90
 
 
+def test_docker_bash_is_one_real_shell(docker_tasks_dir) -> None:
+    """On docker the agent's bash is one long-lived shell: unexported variables, aliases and
+    background jobs survive between calls (the emulation loses them); a timeout restarts it."""
+    env = make_env(docker_tasks_dir, backend="docker", use_task_images=False, command_timeout_s=4.0)
+    task = task_by_id(env, TASK_ID)
+    replies = [
+        bash("X=plain; alias st='git status --short'; (sleep 1; echo finished > /tmp/bg) &"),
+        bash("echo $X; st | wc -l; sleep 2; cat /tmp/bg"),
+        bash("sleep 100"),
+        bash("echo ${X:-gone}; pwd"),
+    ]
+    _, results = run(episode(env, task, replies))
+    texts = [r.messages[0]["content"] for r in results]
+    assert texts[1].split("\n")[:3] == ["plain", "0", "finished"], texts[1]
+    assert "timed out after 4 s" in texts[2]
+    assert texts[3].split("\n")[:2] == ["gone", "/sandbox/testbed"], texts[3]
+
+
 def test_tiny_swe_config_validates_and_budgets_agree() -> None:
     from rl.config import load_config
 

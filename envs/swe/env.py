@@ -138,6 +138,9 @@ class SWEConfig:
     memory_mb: int | None = None
     cpus: float | None = 1.0
     max_processes: int = 128
+    # docker: the agent's bash is one long-lived shell per episode (background jobs, unexported
+    # variables and aliases carry over); False: the emulation the local backend always uses
+    real_shell: bool = True
     max_turns: int = 30
     max_tokens: int = 32768
     command_timeout_s: float = 60.0
@@ -193,6 +196,7 @@ class SWEConfig:
             memory_mb=self.memory_mb,
             cpus=self.cpus,
             max_processes=self.max_processes,
+            real_shell=self.real_shell,
             use_task_images=self.use_task_images,
             docker_host=self.docker_host,
             lifetime_s=self.episode_timeout_s + self.scoring_timeout_s + SCORING_MARGIN_S,

@@ -11,24 +11,31 @@ and every unreachable object (gc) are deleted, and the setup fails unless every 
 reachable from HEAD or the index: no later commit can leak the fix. The scorer scrubs its
 sandbox the same way. `find_leaks` checks a workspace for the hidden tests and the oracle.
 
-The bash session. A sandbox `exec` kills everything it started when it returns (that is what
-makes it safe), so one shell process cannot live across tool calls. The session is therefore
-emulated: every command runs in a fresh `bash` that first restores the previous command's
-working directory, exported variables and shell functions (saved in the workspace's state
-directory by an EXIT trap), then `eval`s the command. Un-exported variables, aliases, options
-and background jobs do not survive a call. Under bubblewrap each exec also gets a private
-/tmp, so the session saves /tmp (up to 64 MiB) with its state and restores it, and files the
-agent leaves there (a patch to submit) are still there on the next call. A command that times
-out is killed and the session restarts: the next call starts from the repository root with a
-clean environment.
+The bash session. On the docker backend it is one long-lived bash per episode
+(sandbox.docker.DockerShell): commands are sourced in it one after another, so the working
+directory, variables (exported or not), aliases, functions and background jobs carry over; the
+tool helper (edit, create, submit's read) runs through it too, since any other exec of the
+sandbox would end it. A command that times out kills the shell and everything it started; the
+next call starts a fresh one in the repository. On the local backend a sandbox `exec` kills
+everything it started when it returns (that is what makes it safe), so one shell process cannot
+live across tool calls and the session is emulated: every command runs in a fresh `bash` that
+first restores the previous command's working directory, exported variables and shell functions
+(saved in the workspace's state directory by an EXIT trap), then `eval`s the command.
+Un-exported variables, aliases, options and background jobs do not survive a call there. Under
+bubblewrap each exec also gets a private /tmp, so the session saves /tmp (up to 64 MiB) with its
+state and restores it, and files the agent leaves there (a patch to submit) are still there on
+the next call. A command that times out is killed and the session restarts: the next call
+starts from the repository root with a clean environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import posixpath
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,6 +179,7 @@ class SandboxSpec:
     lifetime_s: float = 3600.0  # docker: the container ends itself after this long
     cpus: float | None = 1.0
     allow_unisolated: bool = False  # local: run without bwrap/cgroups/uid drop (warned)
+    real_shell: bool = True  # docker: a long-lived bash per episode (False: the emulation)
 
     def limits(self) -> SandboxLimits:
         return SandboxLimits(
@@ -193,24 +201,48 @@ class Workspace:
     persist_tmp: bool
     fresh_session: bool = False  # the next call restarts the session
     shell_init: str = ""  # run when the session (re)starts, e.g. a conda env's activation
+    # docker: one long-lived bash (sandbox.docker.DockerShell) instead of the emulation
+    real_shell: bool = False
+    _shell: Any = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(
         self, mode: str, payload: str, args: tuple[str, ...] = (), *, timeout: float
     ) -> ExecResult:
-        """One call of the session: `mode` "cmd" evals `payload` in bash (stdout and stderr
+        """One call of the session: `mode` "cmd" runs `payload` in bash (stdout and stderr
         merged), "tool" runs the Python source `payload` with `args`."""
-        argv = ["bash", "-c", SESSION_SCRIPT, "swe-session", self.state_dir, self.repo_path]
-        argv += [mode, payload, "1" if self.fresh_session else "0"]
-        argv += ["1" if self.persist_tmp else "0", *args]
-        self.fresh_session = False
         start = time.monotonic()
-        env = ["env", f"__swe_python={self.python}", f"__swe_init={self.shell_init}"]
-        result = self.sandbox.exec([*env, *argv], timeout)
+        if self.real_shell:
+            result = self._shell_run(mode, payload, args, timeout)
+        else:
+            argv = ["bash", "-c", SESSION_SCRIPT, "swe-session", self.state_dir, self.repo_path]
+            argv += [mode, payload, "1" if self.fresh_session else "0"]
+            argv += ["1" if self.persist_tmp else "0", *args]
+            self.fresh_session = False
+            env = ["env", f"__swe_python={self.python}", f"__swe_init={self.shell_init}"]
+            result = self.sandbox.exec([*env, *argv], timeout)
+            if result.timed_out:
+                self.fresh_session = True
         self.timings["exec_s"] = self.timings.get("exec_s", 0.0) + time.monotonic() - start
         self.timings["execs"] = self.timings.get("execs", 0) + 1
-        if result.timed_out:
-            self.fresh_session = True
+        return result
+
+    def _shell_run(
+        self, mode: str, payload: str, args: tuple[str, ...], timeout: float
+    ) -> ExecResult:
+        """Through the long-lived shell (docker): started on first use and after it ended (a
+        timeout, an `exit`): then it starts fresh, in the repository, its env re-initialised."""
+        if self._shell is None or not self._shell.alive:
+            self._shell = self.sandbox.start_shell(self.repo_path, self.shell_init)
+        if mode == "tool":  # the helper runs in the shell too: any other exec would end it
+            name = f"{STATE_DIR}/helper.py"  # written each time: the agent may have removed it
+            self.sandbox.write_file(name, payload)
+            words = [self.python, "-I", posixpath.join(self.sandbox.workdir, name), *args]
+            payload = " ".join(shlex.quote(w) for w in words)
+        result = self._shell.run(payload, timeout)
+        if not self._shell.alive and not result.timed_out:  # `exit`, or the shell died
+            note = b"\n[the shell exited: the next command starts a new one in the repository]"
+            result = dataclasses.replace(result, stdout=result.stdout + note)
         return result
 
     def tool(self, helper_source: str, op: str, request: dict, *, timeout: float) -> dict:
@@ -229,6 +261,11 @@ class Workspace:
         return answer
 
     def close(self) -> None:
+        if self._shell is not None:
+            try:
+                self._shell.close()
+            except SandboxError:
+                pass  # the sandbox goes next, and everything in it
         self.sandbox.close()
 
 
@@ -312,6 +349,7 @@ def open_workspace(
         python=sys.executable if local else "python3",
         persist_tmp=local and bool(getattr(sandbox, "use_bwrap", False)),
         shell_init=instance.shell_init,
+        real_shell=not local and spec.real_shell,
         timings={
             "sandbox_start_s": started - start,
             "repo_setup_s": time.monotonic() - started,
