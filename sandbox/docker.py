@@ -99,7 +99,7 @@ exec bash --norc --noprofile -c 'exec 2>&1; cd "$1" || exit 97; eval "$2" >/dev/
 set --; shopt -s expand_aliases
 while IFS= read -r __cwm_line; do eval "$__cwm_line"; done' cwm-shell "$1" "$2"
 """
-SHELL_MAX_BYTES = 4 * 1024 * 1024  # output kept per command (the rest is dropped, marked)
+SHELL_TAIL_BYTES = 64 * 1024  # past the output cap, the tail kept to find the end marker in
 
 # PID 1: reaps orphans (a plain `sleep` would not, and zombies count against the pids limit),
 # ignores the signals it can, and exits after the lifetime, which kills everything left.
@@ -795,9 +795,10 @@ class DockerShell:
         out, truncated = bytearray(), False
         end = marker.encode()
         deadline = start + timeout
+        cap = sandbox.limits.max_output_bytes
         while True:
-            found = out.find(end, max(0, len(out) - len(end) - 64 * 1024))
-            if found >= 0:
+            found = out.find(end, max(0, len(out) - len(end) - SHELL_TAIL_BYTES))
+            if found >= 0 and b"\n" in out[found + len(end) :]:  # the status line is complete
                 rest = out[found + len(end) :].split(b"\n", 1)[0].strip()
                 body = out[: max(found - 1, 0)]  # the newline printf put before the marker
                 code = int(rest) if rest.lstrip(b"-").isdigit() else -1
@@ -814,8 +815,8 @@ class DockerShell:
                 return self._over(out, start, "the shell exited")
             for _, payload in self.stream.frames(deadline):
                 out += payload
-            if len(out) > SHELL_MAX_BYTES:  # keep the head and a tail to find the marker in
-                del out[SHELL_MAX_BYTES // 2 : len(out) - SHELL_MAX_BYTES // 4]
+            if len(out) > cap + 2 * SHELL_TAIL_BYTES:  # keep the head, and a tail for the marker
+                del out[cap : len(out) - SHELL_TAIL_BYTES]
                 truncated = True
 
     def _over(self, out: bytearray, start: float, why: str) -> ExecResult:

@@ -413,3 +413,12 @@ def test_a_shell_command_past_its_deadline_ends_the_shell_and_its_jobs(
     assert result.stdout_text.split() == ["unset", "0", "0"]
     result = fresh.run("exit 3", timeout=10)
     assert not fresh.alive and result.exit_code != 0
+
+
+def test_the_shell_caps_output_and_survives_it(sandbox: DockerSandbox) -> None:
+    shell = sandbox.start_shell(sandbox.workdir)
+    result = shell.run("head -c 50000000 /dev/zero | tr '\\0' x; echo; echo tail-line", timeout=60)
+    cap = sandbox.limits.max_output_bytes
+    assert result.stdout_truncated and len(result.stdout) <= cap + 2 * 64 * 1024
+    assert result.exit_code == 0 and result.stdout_text.endswith("tail-line\n")
+    assert shell.run("echo still here", timeout=10).stdout_text == "still here\n"
