@@ -140,6 +140,11 @@ class Sandbox(abc.ABC):
     def read_file(self, path: str) -> bytes:
         """Read the file at `path` (relative to the work dir); FileNotFoundError if absent."""
 
+    def start_shell(self, cwd: str, init: str = "") -> Shell:
+        """A long-lived bash in `cwd` (as commands see it), after `init` (see Shell); backends
+        that cannot keep one raise SandboxError."""
+        raise SandboxError(f"the {type(self).__name__} backend has no long-lived shell")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Kill anything left and remove the work dir. Safe to call twice."""
@@ -149,3 +154,109 @@ class Sandbox(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# The long-lived shell: bash reads one line per command from its stdin and evals it; the line
+# sources the command's file. Started after `cd "$1"` and `eval "$2"` (an init, output dropped).
+SHELL_LOOP = (
+    'exec 2>&1; cd "$1" || exit 97; eval "$2" >/dev/null 2>&1 </dev/null; set --; '
+    "shopt -s expand_aliases; "
+    'while IFS= read -r __cwm_line; do eval "$__cwm_line"; done'
+)
+SHELL_TAIL_BYTES = 64 * 1024  # past the output cap, the tail kept to find the end marker in
+
+
+class Shell(abc.ABC):
+    """One long-lived bash in a sandbox (`start_shell` of a backend that has one): commands run
+    in it one after another, so the working directory, variables (exported or not), aliases,
+    functions, shell options and background jobs carry over, as in a terminal.
+
+    A command is stored as a file (never sent through the shell's input, so no quoting or
+    here-document can break the session) and sourced with its stdin from /dev/null (it cannot
+    read the session's protocol), stdout and stderr merged, and read back up to a random end
+    marker that carries its exit status. Past the deadline, or when the shell exits, the shell
+    and everything it started are killed and it is over (`alive` False): start another. The
+    backends' own `exec`s kill every process they can reach when they end, so while a shell
+    lives, all of a caller's commands go through it."""
+
+    def __init__(self, max_output_bytes: int) -> None:
+        self.alive = True
+        self.max_output_bytes = max_output_bytes
+
+    @abc.abstractmethod
+    def _put_command(self, name: str, text: str) -> str:
+        """Store the command's text; its path as the shell sees it."""
+
+    @abc.abstractmethod
+    def _send(self, data: bytes) -> None:
+        """Write to the shell's input (OSError when it is gone)."""
+
+    @abc.abstractmethod
+    def _read(self, deadline: float) -> bytes | None:
+        """Output that arrives before `deadline` (b"" if none); None once the shell's output ended."""
+
+    @abc.abstractmethod
+    def _kill(self) -> None:
+        """End the shell and everything it started."""
+
+    def run(self, command: str, timeout: float) -> ExecResult:
+        import secrets
+        import time
+
+        if not self.alive:
+            raise SandboxError("the shell is over; start another")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        marker = f"cwm-end-{secrets.token_hex(12)}"
+        path = self._put_command(f"cmd-{secrets.token_hex(12)}", command)
+        line = (
+            f"{{ . {path}; }} </dev/null; __cwm_rc=$?; rm -f {path}; "
+            f"printf '\\n{marker} %s\\n' \"$__cwm_rc\"\n"
+        )
+        start = time.monotonic()
+        try:
+            self._send(line.encode())
+        except OSError:
+            return self._over(bytearray(), start, "the shell is gone")
+        out, truncated, end = bytearray(), False, marker.encode()
+        cap, deadline = self.max_output_bytes, start + timeout
+        while True:
+            found = out.find(end, max(0, len(out) - len(end) - SHELL_TAIL_BYTES))
+            if found >= 0 and b"\n" in out[found + len(end) :]:  # the status line is complete
+                status = out[found + len(end) :].split(b"\n", 1)[0].strip()
+                return ExecResult(
+                    exit_code=int(status) if status.lstrip(b"-").isdigit() else -1,
+                    stdout=bytes(out[: max(found - 1, 0)]),  # without printf's newline
+                    stderr=b"",
+                    duration_s=time.monotonic() - start,
+                    stdout_truncated=truncated,
+                )
+            if time.monotonic() >= deadline:
+                return self._over(out, start, KILLED_TIMEOUT)
+            chunk = self._read(deadline)
+            if chunk is None:
+                return self._over(out, start, "the shell exited")
+            out += chunk
+            if len(out) > cap + 2 * SHELL_TAIL_BYTES:  # keep the head, and a tail for the marker
+                del out[cap : len(out) - SHELL_TAIL_BYTES]
+                truncated = True
+
+    def _over(self, out: bytearray, start: float, why: str) -> ExecResult:
+        import time
+
+        self.close()
+        timed_out = why == KILLED_TIMEOUT
+        return ExecResult(
+            exit_code=-9 if timed_out else -1,
+            stdout=bytes(out),
+            stderr=b"" if timed_out else why.encode(),
+            duration_s=time.monotonic() - start,
+            timed_out=timed_out,
+            killed_reason=KILLED_TIMEOUT if timed_out else None,
+        )
+
+    def close(self) -> None:
+        """End the shell and everything it started. Safe to call twice."""
+        if self.alive:
+            self.alive = False
+            self._kill()

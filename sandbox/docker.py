@@ -50,10 +50,12 @@ from sandbox.base import (
     KILLED_MEMORY,
     KILLED_OUTPUT,
     KILLED_TIMEOUT,
+    SHELL_LOOP,
     ExecResult,
     Sandbox,
     SandboxError,
     SandboxLimits,
+    Shell,
     check_relative_path,
 )
 from sandbox.images import HOST_IMAGE, HOST_MOUNTS_LABEL, IMAGE_HINT, build_host_image
@@ -93,13 +95,8 @@ i=0; while kill -9 -1 2>/dev/null && [ $i -lt 20 ]; do i=$((i+1)); done
 exit $rc
 """
 
-# The long-lived shell: CPU seconds over its whole life; stderr into stdout; a quiet start.
-SHELL_START = """ulimit -H -t $(({cpu_s} + 1)) 2>/dev/null; ulimit -S -t {cpu_s} 2>/dev/null
-exec bash --norc --noprofile -c 'exec 2>&1; cd "$1" || exit 97; eval "$2" >/dev/null 2>&1 </dev/null
-set --; shopt -s expand_aliases
-while IFS= read -r __cwm_line; do eval "$__cwm_line"; done' cwm-shell "$1" "$2"
-"""
-SHELL_TAIL_BYTES = 64 * 1024  # past the output cap, the tail kept to find the end marker in
+# The long-lived shell (sandbox.base.Shell): CPU seconds over its whole life, then the loop.
+SHELL_START = "ulimit -H -t $(({cpu_s} + 1)) 2>/dev/null; ulimit -S -t {cpu_s} 2>/dev/null\n"
 
 # PID 1: reaps orphans (a plain `sleep` would not, and zombies count against the pids limit),
 # ignores the signals it can, and exits after the lifetime, which kills everything left.
@@ -628,11 +625,14 @@ class DockerSandbox(Sandbox):
         with self._lock:
             self._check_open("start_shell")
             cpu_s = math.ceil(self.limits.cpu_s or self.lifetime_s)
-            script = SHELL_START.format(cpu_s=cpu_s)
+            script = (
+                SHELL_START.format(cpu_s=cpu_s)
+                + 'exec bash --norc --noprofile -c "$0" cwm-shell "$1" "$2"'
+            )
             try:
                 exec_id = self._client.api.exec_create(
                     self._container_id,
-                    ["/bin/sh", "-c", script, "cwm-shell", cwd, init],
+                    ["/bin/sh", "-c", script, SHELL_LOOP, cwd, init],  # $0 is the loop
                     stdin=True,
                     user=self._user,
                     workdir=self.workdir,
@@ -752,90 +752,36 @@ def _tar(entries: list[tuple[str, bytes | None]], uid: int, gid: int, mode: int 
     return buffer.getvalue()
 
 
-class DockerShell:
-    """One long-lived bash in a docker sandbox (`DockerSandbox.start_shell`): commands run in it
-    one after another, so the working directory, variables (exported or not), aliases,
-    functions, shell options and background jobs carry over, as in a terminal.
-
-    A command is copied into the container as a file (never through the shell's input, so no
-    quoting or here-document can break the session) and sourced with its stdin from /dev/null,
-    its stdout and stderr merged, and read back up to a random end marker that carries its exit
-    status. Past the deadline, or when the shell exits, every process in the container but PID 1
-    is killed (the sandbox's sweep: background jobs too) and the shell is over (`alive` False);
-    start another. While it lives, any other `exec` of the sandbox ends it (each exec's cleanup
-    kills every process of its uid), so all of an agent's calls go through it."""
+class DockerShell(Shell):
+    """The long-lived shell of a docker sandbox (see sandbox.base.Shell): one exec whose stdin
+    stays attached; commands are copied into the container's stdin directory; the end is the
+    sandbox's sweep (every process but PID 1: background jobs too)."""
 
     def __init__(self, sandbox: DockerSandbox, stream: _ExecStream) -> None:
+        super().__init__(sandbox.limits.max_output_bytes)
         self.sandbox, self.stream = sandbox, stream
-        self.alive = True
 
-    def run(self, command: str, timeout: float) -> ExecResult:
-        if not self.alive:
-            raise SandboxError("the shell is over; start another")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        sandbox, marker = self.sandbox, f"cwm-end-{secrets.token_hex(12)}"
-        name = f"cmd-{secrets.token_hex(12)}"
+    def _put_command(self, name: str, text: str) -> str:
+        sandbox = self.sandbox
         with sandbox._lock:
             sandbox._check_open("shell run")
-            sandbox._put_tar(
-                STDIN_DIR, _tar([(name, command.encode())], sandbox.uid, sandbox.gid, 0o400)
-            )
-        line = (
-            f"{{ . {STDIN_DIR}/{name}; }} </dev/null; __cwm_rc=$?; rm -f {STDIN_DIR}/{name}; "
-            f"printf '\\n{marker} %s\\n' \"$__cwm_rc\"\n"
-        )
-        start = time.monotonic()
+            tar = _tar([(name, text.encode())], sandbox.uid, sandbox.gid, 0o400)
+            sandbox._put_tar(STDIN_DIR, tar)
+        return f"{STDIN_DIR}/{name}"
+
+    def _send(self, data: bytes) -> None:
+        self.stream.conn.setblocking(True)
         try:
-            self.stream.conn.setblocking(True)
-            self.stream.conn.sendall(line.encode())
+            self.stream.conn.sendall(data)
+        finally:
             self.stream.conn.setblocking(False)
-        except OSError:
-            return self._over(bytearray(), start, "the shell is gone")
-        out, truncated = bytearray(), False
-        end = marker.encode()
-        deadline = start + timeout
-        cap = sandbox.limits.max_output_bytes
-        while True:
-            found = out.find(end, max(0, len(out) - len(end) - SHELL_TAIL_BYTES))
-            if found >= 0 and b"\n" in out[found + len(end) :]:  # the status line is complete
-                rest = out[found + len(end) :].split(b"\n", 1)[0].strip()
-                body = out[: max(found - 1, 0)]  # the newline printf put before the marker
-                code = int(rest) if rest.lstrip(b"-").isdigit() else -1
-                return ExecResult(
-                    exit_code=code,
-                    stdout=bytes(body),
-                    stderr=b"",
-                    duration_s=time.monotonic() - start,
-                    stdout_truncated=truncated,
-                )
-            if time.monotonic() >= deadline:
-                return self._over(out, start, KILLED_TIMEOUT)
-            if self.stream.eof:
-                return self._over(out, start, "the shell exited")
-            for _, payload in self.stream.frames(deadline):
-                out += payload
-            if len(out) > cap + 2 * SHELL_TAIL_BYTES:  # keep the head, and a tail for the marker
-                del out[cap : len(out) - SHELL_TAIL_BYTES]
-                truncated = True
 
-    def _over(self, out: bytearray, start: float, why: str) -> ExecResult:
-        self.close()
-        timed_out = why == KILLED_TIMEOUT
-        return ExecResult(
-            exit_code=-SIGKILL if timed_out else -1,
-            stdout=bytes(out),
-            stderr=b"" if timed_out else why.encode(),
-            duration_s=time.monotonic() - start,
-            timed_out=timed_out,
-            killed_reason=KILLED_TIMEOUT if timed_out else None,
-        )
+    def _read(self, deadline: float) -> bytes | None:
+        if self.stream.eof:
+            return None
+        return b"".join(payload for _, payload in self.stream.frames(deadline))
 
-    def close(self) -> None:
-        """End the shell and everything it started (the sandbox's sweep). Safe to call twice."""
-        if not self.alive:
-            return
-        self.alive = False
+    def _kill(self) -> None:
         try:
             if not self.sandbox._closed:
                 with self.sandbox._lock:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import posixpath
+import select
 import shutil
 import signal
 import stat
@@ -35,14 +37,18 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from sandbox.base import (
     KILLED_TIMEOUT,
+    SHELL_LOOP,
     ExecResult,
     IsolationError,
     Sandbox,
     SandboxError,
     SandboxLimits,
+    Shell,
     check_relative_path,
 )
 from sandbox.cgroups import CgroupSet, CgroupUnavailable
@@ -67,10 +73,25 @@ from sandbox.contain import (
 )
 
 logger = logging.getLogger(__name__)
+SHELL_DIR = ".shell"  # in the work dir: the long-lived shell's command files
+SHELL_CPU_S = 4 * 3600.0  # a shell's CPU seconds over its whole life, where limits set none
 
 
 # ---------------------------------------------------------------------------------------------
 # The sandbox
+
+
+@dataclass
+class _Spawned:
+    """A started process of the sandbox: its pipes (ours), and `kill` for it and all it started."""
+
+    proc: subprocess.Popen
+    stdin_w: int
+    stdout_r: int
+    stderr_r: int
+    status_r: int  # bubblewrap's status pipe (-1 without it)
+    kill: Callable[[], None]
+    oom_before: int
 
 
 class LocalSandbox(Sandbox):
@@ -165,7 +186,9 @@ class LocalSandbox(Sandbox):
         with self._lock:
             return self._exec(argv, timeout, stdin_data)
 
-    def _exec(self, argv: list[str], timeout: float, stdin_data: bytes) -> ExecResult:
+    def _spawn(self, argv: list[str], timeout: float) -> _Spawned:
+        """Start `argv` under every layer (bubblewrap, the cgroup, the uid drop, rlimits with
+        `timeout` as the CPU budget); its pipes and how to kill it and all it started."""
         limits = self.limits
         cgroups = self._cgroups
         if self.use_bwrap:
@@ -196,7 +219,6 @@ class LocalSandbox(Sandbox):
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
-        start = time.monotonic()
         try:
             proc = subprocess.Popen(
                 argv,
@@ -230,6 +252,19 @@ class LocalSandbox(Sandbox):
             if cgroups is not None:
                 cgroups.kill_all()
 
+        return _Spawned(proc, stdin_w, stdout_r, stderr_r, status_r, kill, oom_before)
+
+    def _exec(self, argv: list[str], timeout: float, stdin_data: bytes) -> ExecResult:
+        limits, cgroups = self.limits, self._cgroups
+        start = time.monotonic()
+        spawned = self._spawn(argv, timeout)
+        proc, kill, oom_before = spawned.proc, spawned.kill, spawned.oom_before
+        stdin_w, stdout_r, stderr_r, status_r = (
+            spawned.stdin_w,
+            spawned.stdout_r,
+            spawned.stderr_r,
+            spawned.status_r,
+        )
         pidfd = os.pidfd_open(proc.pid)
         try:
             pumped = pump(
@@ -273,6 +308,16 @@ class LocalSandbox(Sandbox):
             stdout_truncated=pumped.stdout_truncated,
             stderr_truncated=pumped.stderr_truncated,
         )
+
+    def start_shell(self, cwd: str, init: str = "") -> LocalShell:
+        """A long-lived bash under every layer of this sandbox (see sandbox.base.Shell), started
+        in `cwd` (as programs see it) after `init`. Its CPU budget is its whole life's."""
+        if self._closed:
+            raise SandboxError("start_shell on a closed sandbox")
+        argv = ["bash", "--norc", "--noprofile", "-c", SHELL_LOOP, "cwm-shell", cwd, init]
+        with self._lock:
+            spawned = self._spawn(argv, self.limits.cpu_s or SHELL_CPU_S)
+        return LocalShell(self, spawned)
 
     def _host_path(self, path: str) -> str:
         """The host path for `path` inside the work dir; refuses symlinks that lead outside."""
@@ -353,3 +398,49 @@ def _read_all(fd: int) -> str:
     finally:
         os.close(fd)
     return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+class LocalShell(Shell):
+    """The long-lived shell of a local sandbox (see sandbox.base.Shell): one bash under the
+    sandbox's bubblewrap, cgroup and uid, kept with its pipes; commands are files in the work
+    dir; the end kills its process group and the sandbox's cgroup (background jobs too)."""
+
+    def __init__(self, sandbox: LocalSandbox, spawned: _Spawned) -> None:
+        super().__init__(sandbox.limits.max_output_bytes)
+        self.sandbox, self.spawned = sandbox, spawned
+        os.set_blocking(spawned.stdout_r, False)
+
+    def _put_command(self, name: str, text: str) -> str:
+        self.sandbox.write_file(f"{SHELL_DIR}/{name}", text)
+        return posixpath.join(self.sandbox.workdir, SHELL_DIR, name)
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.spawned.stdin_w, view) :]
+
+    def _read(self, deadline: float) -> bytes | None:
+        wait = deadline - time.monotonic()
+        fd = self.spawned.stdout_r
+        if wait > 0 and select.select([fd], [], [], wait)[0]:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                return b""
+            return chunk if chunk else None
+        return b""
+
+    def _kill(self) -> None:
+        spawned = self.spawned
+        try:
+            spawned.kill()
+            os.waitpid(spawned.proc.pid, 0)
+        except ChildProcessError:
+            pass
+        finally:
+            for fd in (spawned.stdin_w, spawned.stdout_r, spawned.stderr_r, spawned.status_r):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass

@@ -504,7 +504,45 @@ def test_without_cgroups_rlimit_and_namespace_still_contain(backend: str) -> Non
         time.sleep(0.2)
         assert host_processes_with(marker) == []
         loop = run("while True:\n    pass\n", timeout=1)
-        assert loop.killed_reason == "timeout"
+        # a busy loop reaches its CPU second and its wall second together: either kill is right
+        assert loop.killed_reason in ("timeout", "cpu"), loop
     finally:
         if server is not None:
             server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The long-lived shell (an agent's bash session) under every layer of the local sandbox
+
+
+def test_the_local_shell_keeps_state_and_its_end_kills_everything() -> None:
+    require_bwrap()
+    marker = f"cwm-shell-{secrets.token_hex(6)}"
+    with LocalSandbox(SandboxLimits(memory_mb=256)) as box:
+        shell = box.start_shell(box.workdir, "export INIT=yes")
+        steps = [
+            ("mkdir -p d && cd d && X=plain && alias ll='ls -d' && f() { echo fn; }", ""),
+            (f"(exec -a {marker} sleep 300) & echo x > /tmp/kept", ""),
+            (
+                "pwd; echo $X $INIT; ll .; f; cat /tmp/kept; jobs | wc -l",
+                f"{box.workdir}/d\nplain yes\n.\nfn\nx\n1\n",
+            ),
+            ("read line; echo got:$line; id -u", None),
+            ("cat <<'EOF'\nit's \"quoted\" $X\nEOF", 'it\'s "quoted" $X\n'),
+        ]
+        for command, expected in steps:
+            result = shell.run(command, timeout=10)
+            if expected is not None:
+                assert result.stdout_text == expected, (command, result)
+        assert result.exit_code == 0
+        assert host_processes_with(marker)  # the background job runs between calls
+        started = time.monotonic()
+        result = shell.run("sleep 30", timeout=1)
+        assert result.timed_out and not shell.alive and time.monotonic() - started < 10
+        assert not host_processes_with(marker)  # the end of the shell killed its job
+        fresh = box.start_shell(box.workdir)
+        assert (
+            fresh.run("echo ${X:-unset}; pwd", timeout=10).stdout_text == f"unset\n{box.workdir}\n"
+        )
+        fresh.close()
+    assert not host_processes_with(marker)

@@ -557,7 +557,10 @@ def test_leak_check_finds_what_scrubbing_removes(task) -> None:
     finally:
         workspace.close()
     assert any(leak.startswith("line ") and "git object" in leak for leak in leaks), leaks
-    workspace = open_workspace(task, LOCAL, scrub=True)  # as score_patch opens its sandbox
+    # as score_patch opens its sandbox; the emulated session, whose /tmp outlives each call in
+    # the work dir (a real shell's /tmp is its own, which the leak check's exec cannot see)
+    emulated = dataclasses.replace(LOCAL, real_shell=False)
+    workspace = open_workspace(task, emulated, scrub=True)
     try:
         probe = f"git cat-file -t {fix} 2>&1; ls .git; ls .git/logs 2>&1; git stash list"
         shown = workspace.run("cmd", probe, timeout=10).stdout_text

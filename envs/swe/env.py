@@ -138,8 +138,8 @@ class SWEConfig:
     memory_mb: int | None = None
     cpus: float | None = 1.0
     max_processes: int = 128
-    # docker: the agent's bash is one long-lived shell per episode (background jobs, unexported
-    # variables and aliases carry over); False: the emulation the local backend always uses
+    # the agent's bash is one long-lived shell per episode (background jobs, unexported
+    # variables and aliases carry over); False: a fresh bash per call restoring cwd and exports
     real_shell: bool = True
     max_turns: int = 30
     max_tokens: int = 32768

@@ -11,21 +11,16 @@ and every unreachable object (gc) are deleted, and the setup fails unless every 
 reachable from HEAD or the index: no later commit can leak the fix. The scorer scrubs its
 sandbox the same way. `find_leaks` checks a workspace for the hidden tests and the oracle.
 
-The bash session. On the docker backend it is one long-lived bash per episode
-(sandbox.docker.DockerShell): commands are sourced in it one after another, so the working
-directory, variables (exported or not), aliases, functions and background jobs carry over; the
-tool helper (edit, create, submit's read) runs through it too, since any other exec of the
-sandbox would end it. A command that times out kills the shell and everything it started; the
-next call starts a fresh one in the repository. On the local backend a sandbox `exec` kills
-everything it started when it returns (that is what makes it safe), so one shell process cannot
-live across tool calls and the session is emulated: every command runs in a fresh `bash` that
-first restores the previous command's working directory, exported variables and shell functions
-(saved in the workspace's state directory by an EXIT trap), then `eval`s the command.
-Un-exported variables, aliases, options and background jobs do not survive a call there. Under
-bubblewrap each exec also gets a private /tmp, so the session saves /tmp (up to 64 MiB) with its
-state and restores it, and files the agent leaves there (a patch to submit) are still there on
-the next call. A command that times out is killed and the session restarts: the next call
-starts from the repository root with a clean environment.
+The bash session is one long-lived bash per episode (sandbox.base.Shell: under bubblewrap, the
+cgroup and the uid drop on the local backend, in the container on docker): commands are sourced
+in it one after another, so the working directory, variables (exported or not), aliases,
+functions, background jobs and /tmp carry over; the tool helper (edit, create, submit's read)
+runs through it too, since any other exec of the sandbox would end it. A command that times out
+kills the shell and everything it started; the next call starts a fresh one in the repository.
+With `real_shell=False` the session is emulated instead: every command runs in a fresh `bash`
+exec that restores the previous call's working directory, exported variables and functions
+(saved in the state directory by an EXIT trap) and, under bubblewrap, /tmp (up to 64 MiB);
+un-exported variables, aliases, options and background jobs do not survive a call there.
 """
 
 from __future__ import annotations
@@ -179,7 +174,7 @@ class SandboxSpec:
     lifetime_s: float = 3600.0  # docker: the container ends itself after this long
     cpus: float | None = 1.0
     allow_unisolated: bool = False  # local: run without bwrap/cgroups/uid drop (warned)
-    real_shell: bool = True  # docker: a long-lived bash per episode (False: the emulation)
+    real_shell: bool = True  # a long-lived bash per episode (False: the emulation)
 
     def limits(self) -> SandboxLimits:
         return SandboxLimits(
@@ -201,7 +196,7 @@ class Workspace:
     persist_tmp: bool
     fresh_session: bool = False  # the next call restarts the session
     shell_init: str = ""  # run when the session (re)starts, e.g. a conda env's activation
-    # docker: one long-lived bash (sandbox.docker.DockerShell) instead of the emulation
+    # one long-lived bash (sandbox.base.Shell) instead of the emulation
     real_shell: bool = False
     _shell: Any = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -349,7 +344,7 @@ def open_workspace(
         python=sys.executable if local else "python3",
         persist_tmp=local and bool(getattr(sandbox, "use_bwrap", False)),
         shell_init=instance.shell_init,
-        real_shell=not local and spec.real_shell,
+        real_shell=spec.real_shell,
         timings={
             "sandbox_start_s": started - start,
             "repo_setup_s": time.monotonic() - started,
