@@ -1,13 +1,13 @@
-"""SWE tool calls per second on the docker backend: the agent's bash as one long-lived shell
-(sandbox.docker.DockerShell, the default) vs the emulation (a fresh bash per call that restores
-the previous call's working directory and exported variables), side by side in one process.
+"""SWE tool calls per second: the agent's bash as one long-lived shell (sandbox.base.Shell, the
+default) vs the emulation (a fresh bash per call that restores the previous call's working
+directory and exported variables), side by side in one process, on the docker backend (the
+repository copied into a `cwm-rl/host` container) or the local one (bubblewrap).
 
-Each side opens a workspace on the same built task (the repository copied into a `cwm-rl/host`
-container) and runs the same calls: `--calls` bash commands (a cd, a grep over the repository,
+Each side opens a workspace on the same built task and runs the same calls: `--calls` bash commands (a cd, a grep over the repository,
 an echo) and `--edits` edit-tool calls (the tool helper, through the same session). Prints calls
 per second for each, the ratio, and a final `RESULT {json}` line.
 
-    python benchmarks/shell.py [--calls 60] [--edits 10]
+    python benchmarks/shell.py [--calls 60] [--edits 10] [--backend docker|local]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from envs.swe.workspace import SandboxSpec, open_workspace  # noqa: E402
 COMMANDS = ("cd textkit && pwd", "grep -rn 'def ' . | wc -l", "cd .. && echo $RANDOM")
 
 
-def measure(instance, real_shell: bool, calls: int, edits: int) -> dict:
-    spec = SandboxSpec(backend="docker", use_task_images=False, real_shell=real_shell)
+def measure(instance, backend: str, real_shell: bool, calls: int, edits: int) -> dict:
+    spec = SandboxSpec(backend=backend, use_task_images=False, real_shell=real_shell)
     workspace = open_workspace(instance, spec, scrub=True)
     try:
         workspace.run("cmd", "true", timeout=30)  # the shell's start is not a tool call
@@ -60,18 +60,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=60)
     parser.add_argument("--edits", type=int, default=10)
+    parser.add_argument("--backend", default="docker", choices=["docker", "local"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         jsonl = build_tasks(Path(tmp) / "tasks")
         instance = next(i for i in load_instances(jsonl) if i.instance_id.startswith("textkit"))
-        emulated = measure(instance, False, args.calls, args.edits)
-        real = measure(instance, True, args.calls, args.edits)
+        emulated = measure(instance, args.backend, False, args.calls, args.edits)
+        real = measure(instance, args.backend, True, args.calls, args.edits)
     ratio = {k: round(real[k] / emulated[k], 1) for k in real}
     print(f"{'':<18}{'bash calls/s':>14}{'edit calls/s':>14}")
     for name, r in (("emulated", emulated), ("real shell", real)):
         print(f"{name:<18}{r['bash_calls_per_s']:>14}{r['edit_calls_per_s']:>14}")
     print(f"{'ratio':<18}{ratio['bash_calls_per_s']:>13}x{ratio['edit_calls_per_s']:>13}x")
-    print("RESULT " + json.dumps({"emulated": emulated, "real_shell": real, "ratio": ratio}))
+    result = {"backend": args.backend, "emulated": emulated, "real_shell": real, "ratio": ratio}
+    print("RESULT " + json.dumps(result))
     return 0
 
 
