@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import posixpath
+import secrets
+import time
 from dataclasses import dataclass
 
 # Values of ExecResult.killed_reason
@@ -200,9 +202,6 @@ class Shell(abc.ABC):
         """End the shell and everything it started."""
 
     def run(self, command: str, timeout: float) -> ExecResult:
-        import secrets
-        import time
-
         if not self.alive:
             raise SandboxError("the shell is over; start another")
         if timeout <= 0:
@@ -242,8 +241,6 @@ class Shell(abc.ABC):
                 truncated = True
 
     def _over(self, out: bytearray, start: float, why: str) -> ExecResult:
-        import time
-
         self.close()
         timed_out = why == KILLED_TIMEOUT
         return ExecResult(

@@ -273,14 +273,16 @@ def parsed_commit_patch(parsed: Mapping[str, Any]) -> str:
     out = []
     for diff in parsed["file_diffs"]:
         old, new = diff["old_file"]["path"], diff["new_file"]["path"]
-        if _is_test_path(new if new != "/dev/null" else old):
+        path = new if new != "/dev/null" else old  # the file's name, created or deleted
+        if _is_test_path(path):
             continue
         a = old if old == "/dev/null" else f"a/{old}"
         b = new if new == "/dev/null" else f"b/{new}"
-        out.append(
-            f"diff --git a/{old if old != '/dev/null' else new} b/{new if new != '/dev/null' else old}"
-        )
-        out += [f"--- {a}", f"+++ {b}"]
+        out += [
+            f"diff --git a/{path if old == '/dev/null' else old} b/{path}",
+            f"--- {a}",
+            f"+++ {b}",
+        ]
         for hunk in diff["hunks"]:
             d = hunk["descriptor"]
             old_range, new_range = d["old_range"], d["new_range"]
