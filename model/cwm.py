@@ -240,6 +240,18 @@ class KVCache(nn.Module):
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
+    def append_rows(self, other: KVCache) -> None:
+        """Add the rows of `other` after this cache's rows (continuous batching: requests that
+        join a running batch). The slot count becomes the larger of the two; the slots a row
+        never wrote are masked by position, so their padding is never read."""
+        slots = max(self.k.shape[2], other.k.shape[2])
+        self.k = torch.cat([_pad_slots(self.k, slots), _pad_slots(other.k, slots)])
+        self.v = torch.cat([_pad_slots(self.v, slots), _pad_slots(other.v, slots)])
+
+
+def _pad_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
+    return x if x.shape[2] == slots else F.pad(x, (0, 0, 0, slots - x.shape[2]))
+
 
 class CWM(nn.Module):
     def __init__(self, config: CWMConfig):
@@ -321,6 +333,16 @@ class CWM(nn.Module):
     def keep_cache_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
             layer.attention.kv_cache.keep_rows(rows)
+
+    def take_cache(self) -> list[KVCache]:
+        """Detach the current cache (one KVCache per layer) and leave none set."""
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        self.free_cache()
+        return caches
+
+    def set_cache(self, caches: list[KVCache]) -> None:
+        for layer, cache in zip(self.layers, caches, strict=True):
+            layer.attention.kv_cache = cache
 
     def free_cache(self) -> None:
         for layer in self.layers:

@@ -45,7 +45,10 @@ class RolloutConfig:
     # wall clock per episode; past it: status timeout (excluded). None: resolved by rl/config.py
     # to the longest any of the run's environments may take by its own limits, at least 600
     episode_timeout_s: float | None = None
-    max_batch: int = 64  # requests per engine call
+    max_batch: int = 64  # requests per engine call (continuous batching: rows decoding together)
+    # async mode, native engine: requests join the running batch between decode steps (False:
+    # a batch runs until its longest row finishes before the next one starts)
+    continuous_batching: bool = True
     reasoning: bool = False  # CWM's <think> format
     threads: int = 1  # torch threads of each worker process
     gpus: float = 0.0  # GPUs per worker (Ray resource); vllm needs >= tensor_parallel_size
@@ -85,11 +88,19 @@ class Batcher:
 
     deterministic=True (sync mode) waits until every live episode has a request pending (or has
     finished) and orders the batch by request key, so batch composition - and with per-request
-    seeds, every sampled token - does not depend on timing. Otherwise a batch leaves as soon as the
-    engine is free."""
+    seeds, every sampled token - does not depend on timing. Otherwise, with an engine that batches
+    continuously (`submit`: the native engine) and `continuous=True`, the requests that arrived
+    go to the engine at once and join its running batch between two decode steps: the next turn
+    of a short episode does not wait for the longest row of the batch before it. Otherwise a batch
+    leaves as soon as the engine is free (batch at a time)."""
 
-    def __init__(self, engine: Engine, max_batch: int, deterministic: bool):
+    def __init__(
+        self, engine: Engine, max_batch: int, deterministic: bool, continuous: bool = True
+    ):
         self.engine, self.max_batch, self.deterministic = engine, max_batch, deterministic
+        self.continuous = continuous and not deterministic and hasattr(engine, "submit")
+        if self.continuous:
+            engine.max_batch = max_batch  # rows in the engine's running batch
         self.live = 0  # episodes that may still submit a request
         self.pending: list[tuple[tuple, list[int], SamplingParams, asyncio.Future]] = []
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -130,6 +141,9 @@ class Batcher:
             if self.deterministic and len(self.pending) < self.live:
                 continue
             self.pending.sort(key=lambda r: r[0])
+            if self.continuous:
+                self._submit_all()
+                continue
             batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
             prompts, params = [r[1] for r in batch], [r[2] for r in batch]
             started = time.monotonic()
@@ -148,6 +162,34 @@ class Batcher:
                         r[3].set_result((out, started))
             if self.pending:
                 self.wake.set()
+
+    def _submit_all(self) -> None:
+        """Continuous mode: every pending request to the engine now; each episode's future is
+        completed from the engine's thread when its request finishes."""
+        batch, self.pending = self.pending, []
+        loop = asyncio.get_running_loop()
+        try:
+            futures = self.engine.submit([r[1] for r in batch], [r[2] for r in batch])
+        except Exception as e:  # noqa: BLE001 - delivered to each waiting episode
+            for r in batch:
+                if not r[3].done():
+                    r[3].set_exception(e)
+            return
+
+        def deliver(fut: asyncio.Future, done: concurrent.futures.Future) -> None:
+            if fut.done():
+                return
+            if done.exception() is not None:
+                fut.set_exception(done.exception())
+            else:
+                out, started = done.result()
+                self.generated_tokens += len(out.token_ids)
+                fut.set_result((out, started))
+
+        for r, f in zip(batch, futures):
+            f.add_done_callback(
+                lambda done, fut=r[3]: loop.call_soon_threadsafe(deliver, fut, done)
+            )
 
 
 class RolloutWorker:
@@ -191,7 +233,12 @@ class RolloutWorker:
 
     def _batcher(self) -> Batcher:
         if self.batcher is None:
-            self.batcher = Batcher(self.engine, self.config.max_batch, self.deterministic)
+            self.batcher = Batcher(
+                self.engine,
+                self.config.max_batch,
+                self.deterministic,
+                self.config.continuous_batching,
+            )
             self.batcher.start()
         return self.batcher
 

@@ -355,3 +355,113 @@ def test_sample_draws_from_the_distribution():
     freq = counts / counts.sum()
     assert freq[4] == 0  # a masked token is never drawn
     assert (freq[:4] - probs[0, :4]).abs().max() < 0.03
+
+
+# -- continuous batching ---------------------------------------------------------------------------
+
+
+def test_a_short_request_joins_a_running_batch_and_finishes_first():
+    """A request submitted while a long one decodes joins the batch at the next step boundary
+    (its own prefill, then one decode forward of both rows) and finishes first; both produce
+    exactly what each produces alone (greedy and seeded), their log-probs within TOL."""
+    model = tiny(5)
+    engine = NativeEngine(copy.deepcopy(model))
+    long_p = SamplingParams(max_new_tokens=40, temperature=1.0, seed=11)
+    short_p = SamplingParams(max_new_tokens=5, temperature=0)
+    alone_long = engine.generate([[5, 6, 7]], long_p)[0]
+    alone_short = engine.generate([[9, 3, 8, 1]], short_p)[0]
+
+    rows, order, short = [], [], {}
+
+    def hook(mod, args, out):
+        rows.append(tuple(args[0].shape))
+        if len(rows) == 4:  # prefill + 3 decode steps of the long request
+            short["f"] = engine.submit([[9, 3, 8, 1]], short_p)[0]
+            short["f"].add_done_callback(lambda f: order.append("short"))
+
+    handle = engine.model.embed_tokens.register_forward_hook(hook)
+    try:
+        (long_f,) = engine.submit([[5, 6, 7]], long_p)
+        long_f.add_done_callback(lambda f: order.append("long"))
+        long_out, long_admitted = long_f.result(60)
+        short_out, short_admitted = short["f"].result(60)
+    finally:
+        handle.remove()
+    assert order == ["short", "long"]
+    assert short_admitted > long_admitted
+    # long prefill, 3 decodes of one row, the short prompt's prefill, then both rows decode
+    assert rows[:6] == [(1, 3), (1, 1), (1, 1), (1, 1), (1, 4), (2, 1)]
+    assert rows.count((2, 1)) == 4  # the short one leaves after its 5th token (4 forwards)
+    assert long_out.token_ids == alone_long.token_ids
+    assert (
+        short_out.token_ids == alone_short.token_ids == reference_greedy(model, [9, 3, 8, 1], 5)[0]
+    )
+    for a, b in ((long_out, alone_long), (short_out, alone_short)):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= TOL
+
+
+def test_max_batch_holds_requests_until_a_row_leaves():
+    engine = NativeEngine(tiny(1), max_batch=2)
+    rows = []
+    handle = engine.model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: rows.append(args[0].shape[0])
+    )
+    try:
+        params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 8, 4)]
+        outs = engine.generate([[1, 2], [3, 4], [5, 6]], params)
+    finally:
+        handle.remove()
+    assert [len(o.token_ids) for o in outs] == [3, 8, 4]
+    assert max(rows) == 2  # never three rows at once
+    # two rows decode until the first leaves (after 3 tokens); the third joins then
+    assert rows[:4] == [2, 2, 2, 1]
+    solo = NativeEngine(tiny(1))
+    assert outs[2].token_ids == solo.generate([[5, 6]], params[2])[0].token_ids
+
+
+def test_a_failing_forward_fails_every_request_in_the_batch_and_the_engine_recovers():
+    engine = NativeEngine(tiny(3))
+    calls = []
+
+    def hook(mod, args, out):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected forward failure")
+
+    handle = engine.model.embed_tokens.register_forward_hook(hook)
+    try:
+        futures = engine.submit([[1, 2], [3]], SamplingParams(max_new_tokens=10, temperature=0))
+        for f in futures:
+            with pytest.raises(RuntimeError, match="injected forward failure"):
+                f.result(60)
+    finally:
+        handle.remove()
+    out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=4, temperature=0))[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_the_async_batcher_submits_as_requests_arrive():
+    """rl/rollout.py's Batcher in async mode: a request submitted after a long one started
+    comes back first; with continuous=False (batch at a time) it waits for the long one."""
+    import asyncio
+
+    from rl.rollout import Batcher
+
+    async def run(continuous: bool) -> list[str]:
+        engine = NativeEngine(tiny(6))
+        batcher = Batcher(engine, max_batch=8, deterministic=False, continuous=continuous)
+        batcher.start()
+        done = []
+
+        async def request(name, prompt, n, delay):
+            await asyncio.sleep(delay)
+            await batcher.generate((name,), prompt, SamplingParams(max_new_tokens=n))
+            done.append(name)
+
+        await asyncio.gather(request("long", [1, 2, 3], 300, 0), request("short", [4, 5], 3, 0.05))
+        batcher.task.cancel()
+        engine.close()
+        return done
+
+    assert asyncio.run(run(True)) == ["short", "long"]
+    assert asyncio.run(run(False)) == ["long", "short"]

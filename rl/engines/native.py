@@ -1,13 +1,23 @@
-"""The native engine: batched generation on the CWM module's KV cache (CPU and GPU).
+"""The native engine: continuous batching on the CWM module's KV cache (CPU and GPU).
 
-Prompts of different lengths are right-padded for one prefill; each row then decodes at its own
-position (the cache slot is the position). Finished rows are dropped from the batch and the cache,
-so they stop costing compute. Weight updates and pause() take effect between decode steps."""
+One scheduler thread owns the model's cache and runs the batch: between two decode steps it admits
+the requests that arrived (`submit`; their prompts right-padded for one prefill, identical prompts
+prefilled once, their cache rows appended to the running batch's) and drops the rows that finished
+(their futures resolve at once), so a short request that arrives during a long one finishes first
+instead of waiting for the longest row of a batch. Each row decodes at its own position (the cache
+slot is the position). Weight updates and pause() take effect between decode steps.
+
+A request samples from its own generator, so a seeded request draws the same tokens whatever
+shares its batch or joins it later. `generate` submits a list at once and waits for all of it:
+called alone (sync mode), it runs exactly the batch it was given."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,25 +93,51 @@ def sample(logprobs: torch.Tensor, generators: list[torch.Generator]) -> torch.T
     return tokens.clamp(max=logprobs.shape[-1] - 1)
 
 
+@dataclass
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    future: concurrent.futures.Future  # -> (Completion, the monotonic time it was admitted)
+    out: Completion = field(default_factory=Completion)
+    admitted: float = 0.0
+
+
 class NativeEngine(Engine):
     """Owns `model`: on CPU its linear layers are switched to oneDNN-prepacked weights
-    (rl/engines/cpu_kernels.py; `prepack=False` keeps the plain kernels)."""
+    (rl/engines/cpu_kernels.py; `prepack=False` keeps the plain kernels). At most `max_batch`
+    rows decode together (None: no limit); later requests wait in order."""
 
-    def __init__(self, model: CWM, version: int = 0, seed: int = 0, prepack: bool = True):
+    def __init__(
+        self,
+        model: CWM,
+        version: int = 0,
+        seed: int = 0,
+        prepack: bool = True,
+        max_batch: int | None = None,
+    ):
         self.model = model.eval()
         self._packers = []
         if prepack and next(model.parameters()).device.type == "cpu" and cpu_kernels.available():
             self._packers = cpu_kernels.prepack_linears(model)
         self.version = version
+        self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self._step_lock = threading.Lock()  # a decode step, or a weight update, at a time
-        self._generate_lock = threading.Lock()  # the KV cache serves one generate() at a time
         self._running = threading.Event()
         self._running.set()
         self._seeds = torch.Generator().manual_seed(seed)  # for requests without a seed
         self.decode_steps = 0
         self.prefill_tokens = 0  # prompt tokens run through the model (padding included)
-        self.share_prompts = True  # identical prompts in a batch are prefilled once
+        self.share_prompts = True  # identical prompts admitted together are prefilled once
+        # the scheduler: requests waiting (under _wake), and the running batch (its thread only)
+        self._wake = threading.Condition()
+        self._waiting: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._rows: list[_Request] = []
+        self._batch: dict[str, torch.Tensor] = {}  # per row: logits, pos, sampling settings
+        self._row_version: list[int] = []  # the policy version of each row's current logits
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> NativeEngine:
@@ -145,12 +181,26 @@ class NativeEngine(Engine):
     def resume(self) -> None:
         self._running.set()
 
-    # -- generation -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the scheduler thread once the requests it holds are done."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
 
-    @torch.inference_mode()
+    # -- requests ---------------------------------------------------------------------------------
+
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[Completion]:
+        return [f.result()[0] for f in self.submit(prompts, params)]
+
+    def submit(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[concurrent.futures.Future]:
+        """Queue `prompts` (all at once: they are admitted together, between two decode steps, as
+        far as `max_batch` allows) and return at once; each future gives (Completion, the
+        monotonic time the request joined the batch). A bad request raises here and queues
+        nothing."""
         params = per_prompt(params, len(prompts))
         vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
@@ -158,88 +208,147 @@ class NativeEngine(Engine):
                 raise ValueError(f"prompt {i} is empty")
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompt {i} has a token id outside [0, {vocab})")
-        if not prompts:
-            return []
-        with self._generate_lock:
+        requests = [
+            _Request(list(p), sp, self._generator(sp.seed), concurrent.futures.Future())
+            for p, sp in zip(prompts, params)
+        ]
+        for r in requests:
+            r.out.prompt_len = len(r.prompt)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._waiting.extend(requests)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="native-engine", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        return [r.future for r in requests]
+
+    # -- the scheduler ----------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._rows:
+                    if self._closed:
+                        return
+                    self._wake.wait()
+                room = len(self._waiting)
+                if self.max_batch is not None:
+                    room = min(room, max(0, self.max_batch - len(self._rows)))
+                admit, self._waiting = self._waiting[:room], self._waiting[room:]
             try:
-                return self._generate(prompts, params)
-            finally:
-                self.model.free_cache()
+                with torch.inference_mode():
+                    if admit:
+                        self._admit(admit)
+                    self._decode()
+            except BaseException as e:  # noqa: BLE001 - every request in the batch learns of it
+                for r in self._rows + admit:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                self._clear()
 
-    def _generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        dev, B = self.device, len(prompts)
-        out = [Completion(prompt_len=len(p)) for p in prompts]
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        max_len = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params))
-
-        rows = list(range(B))  # request index of each live batch row
-        temperature = torch.tensor([sp.temperature for sp in params], device=dev)
-        greedy = temperature == 0
-        temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-        top_k = torch.tensor([sp.top_k for sp in params], device=dev)
-        top_p = torch.tensor([sp.top_p for sp in params], device=dev)
-        gens = [self._generator(sp.seed) for sp in params]
-
-        # prefill each distinct prompt once (the G samples of a GRPO group share theirs), then
-        # copy its KV cache and last logits to every row that asked for it
+    def _admit(self, requests: list[_Request]) -> None:
+        """Prefill `requests` on a cache of their own (each distinct prompt once), then append
+        their rows, logits and settings to the running batch's."""
+        dev, now = self.device, time.monotonic()
         if self.share_prompts:
             distinct: dict[tuple[int, ...], int] = {}
-            source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+            source = [distinct.setdefault(tuple(r.prompt), len(distinct)) for r in requests]
             unique = [list(p) for p in distinct]
         else:
-            source, unique = list(range(B)), prompts
+            source, unique = list(range(len(requests))), [r.prompt for r in requests]
         U = len(unique)
-        unique_lengths = torch.tensor([len(p) for p in unique], device=dev)
+        running = self.model.take_cache() if self._rows else None
+        max_len = max(len(r.prompt) + r.params.max_new_tokens for r in requests)
         self.model.setup_cache(U, max_len)
-        padded = torch.zeros(U, int(unique_lengths.max()), dtype=torch.long, device=dev)
+        lengths = torch.tensor([len(p) for p in unique], device=dev)
+        padded = torch.zeros(U, int(lengths.max()), dtype=torch.long, device=dev)
         for i, p in enumerate(unique):
             padded[i, : len(p)] = torch.tensor(p, device=dev)
         positions = torch.arange(padded.shape[1], device=dev).expand(U, -1)
-        with self._step():
-            logits = self.model(
-                padded, positions, use_cache=True, logits_index=(unique_lengths - 1)[:, None]
-            )
-            version = self.version
+        try:
+            with self._step():
+                logits = self.model(
+                    padded, positions, use_cache=True, logits_index=(lengths - 1)[:, None]
+                )[:, 0]
+                version = self.version
+        except BaseException:
+            if running is not None:
+                self.model.set_cache(running)
+            raise
         self.prefill_tokens += padded.numel()
-        logits, pos = logits[:, 0], lengths.clone()
-        if U < B:
+        if U < len(requests):
             rows_of = torch.tensor(source, device=dev)
             self.model.keep_cache_rows(rows_of)
             logits = logits.index_select(0, rows_of)
+        if running is not None:
+            joining = self.model.take_cache()
+            for cache, new in zip(running, joining):
+                cache.append_rows(new)
+            self.model.set_cache(running)
+        temperature = torch.tensor([r.params.temperature for r in requests], device=dev)
+        new = {
+            "logits": logits,
+            "pos": torch.tensor([len(r.prompt) for r in requests], device=dev),
+            "greedy": temperature == 0,
+            "temperature": torch.where(temperature == 0, 1.0, temperature),
+            "top_k": torch.tensor([r.params.top_k for r in requests], device=dev),
+            "top_p": torch.tensor([r.params.top_p for r in requests], device=dev),
+        }
+        for r in requests:
+            r.admitted = now
+        if self._rows:
+            new = {k: torch.cat([self._batch[k], v]) for k, v in new.items()}
+        self._batch = new
+        self._rows += requests
+        self._row_version += [version] * len(requests)
 
-        while rows:
-            tokens, token_logprobs = self._next_tokens(
-                logits, greedy, temperature, top_k, top_p, gens
-            )
-            keep = []
-            for j, (tok, lp) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
-                req, sp = rows[j], params[rows[j]]
-                c = out[req]
-                c.token_ids.append(tok)
-                c.logprobs.append(lp)
-                c.versions.append(version)
-                if tok in sp.stop_token_ids:
-                    c.finish_reason = "stop"
-                elif len(c.token_ids) >= sp.max_new_tokens:
-                    c.finish_reason = "length"
-                else:
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-                idx = torch.tensor(keep, device=dev)
-                self.model.keep_cache_rows(idx)
-                rows = [rows[j] for j in keep]
-                gens = [gens[j] for j in keep]
-                tokens, pos = tokens[idx], pos[idx]
-                temperature, top_k, top_p = temperature[idx], top_k[idx], top_p[idx]
-                greedy = greedy[idx]
-            with self._step():
-                logits = self.model(tokens[:, None], pos[:, None], use_cache=True)[:, 0]
-                version = self.version
-                self.decode_steps += 1
-            pos = pos + 1
-        return out
+    def _decode(self) -> None:
+        """Sample one token for every row; finished rows leave (their futures resolve); one
+        forward of the rest gives their next logits."""
+        b = self._batch
+        tokens, token_logprobs = self._next_tokens(
+            b["logits"], b["greedy"], b["temperature"], b["top_k"], b["top_p"],
+            [r.generator for r in self._rows],
+        )  # fmt: skip
+        keep = []
+        for j, (tok, lp) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
+            r = self._rows[j]
+            c = r.out
+            c.token_ids.append(tok)
+            c.logprobs.append(lp)
+            c.versions.append(self._row_version[j])
+            if tok in r.params.stop_token_ids:
+                c.finish_reason = "stop"
+            elif len(c.token_ids) >= r.params.max_new_tokens:
+                c.finish_reason = "length"
+            else:
+                keep.append(j)
+                continue
+            r.future.set_result((c, r.admitted))
+        if not keep:
+            self._clear()
+            return
+        if len(keep) < len(self._rows):  # drop finished rows from the batch and the cache
+            idx = torch.tensor(keep, device=self.device)
+            self.model.keep_cache_rows(idx)
+            self._rows = [self._rows[j] for j in keep]
+            b = {k: v.index_select(0, idx) for k, v in b.items()}
+            tokens = tokens.index_select(0, idx)
+        with self._step():
+            b["logits"] = self.model(tokens[:, None], b["pos"][:, None], use_cache=True)[:, 0]
+            version = self.version
+            self.decode_steps += 1
+        b["pos"] = b["pos"] + 1
+        self._batch = b
+        self._row_version = [version] * len(self._rows)
+
+    def _clear(self) -> None:
+        self._rows, self._batch, self._row_version = [], {}, []
+        self.model.free_cache()
 
     @staticmethod
     def _next_tokens(logits, greedy, temperature, top_k, top_p, gens):
