@@ -21,7 +21,13 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from model.cwm import CWMConfig
-from model.hf import from_hf_state_dict, save_pretrained, split_state_dict, to_hf_state_dict
+from model.hf import (
+    from_hf_state_dict,
+    hf_name,
+    save_pretrained,
+    split_state_dict,
+    to_hf_state_dict,
+)
 from model.loader import ModelSpec, build_model, load_tokenizer
 from rl import checkpoint as ckpt
 from rl import grpo
@@ -29,7 +35,7 @@ from rl.engines.native import truncation_mask
 from rl.packing import MicroBatch, build_micro_batch, pack
 from rl.parallelize import parallelize
 from rl.types import TrainBatch, Trajectory
-from rl.weights import WeightGroup, send_weights, to_arrays
+from rl.weights import WeightGroup, bucket_plan, send_weights_streaming, to_arrays
 
 
 @dataclass
@@ -360,16 +366,58 @@ class Learner:
         sd = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sd.items()}
         return to_hf_state_dict(sd, self.model_config) if sd else {}
 
-    def publish_weights(self, bucket_bytes: int) -> tuple[int, list]:
-        """Full HF-named weights split into buckets of about `bucket_bytes`, each put in Ray's
-        object store as numpy arrays (rl/weights.to_arrays; rank 0, other ranks take part and
-        return []). Returns (the policy version these weights are: optimizer steps done, the
+    streams_weights = True  # iter_hf_weights gathers one parameter at a time
+
+    def iter_hf_weights(self):
+        """(HF name, full tensor) one parameter at a time, as trained: a FSDP2 parameter is
+        gathered from its shards (a collective: every rank iterates, in the same order; ranks
+        other than 0 drop what they get), so one full parameter exists at a time; the sender
+        casts piece by piece as it fills its buckets (rl/weights.send_weights_streaming)."""
+        tied = self.model_config.tie_word_embeddings
+        for name, p in self.model.named_parameters():
+            hf = hf_name(name.replace("_checkpoint_wrapped_module.", ""))
+            if tied and hf == "lm_head.weight":
+                continue
+            yield hf, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+    def weight_metas(self, dtype: torch.dtype | None = None) -> list[tuple]:
+        """(HF name, shape, dtype) of what iter_hf_weights yields, from metadata alone."""
+        tied = self.model_config.tie_word_embeddings
+        out = []
+        for name, p in self.model.named_parameters():
+            hf = hf_name(name.replace("_checkpoint_wrapped_module.", ""))
+            if not (tied and hf == "lm_head.weight"):
+                out.append((hf, tuple(p.shape), dtype or p.dtype))
+        return out
+
+    def publish_weights(self, bucket_bytes: int, dtype: str | None = None) -> tuple[int, list]:
+        """HF-named weights cast to `dtype` (the rollout engine's; None: as trained) in buckets of
+        about `bucket_bytes`, each put in Ray's object store as numpy arrays as soon as it is
+        full (rl/weights.to_arrays; rank 0, other ranks take part and return []): this process
+        holds one bucket at a time, the object store the whole update (every worker fetches it
+        from there). Returns (the policy version these weights are: optimizer steps done, the
         ObjectRefs): the label comes with the weights, whatever ran on this actor before."""
         import ray
 
-        sd = self.hf_state_dict()
-        buckets = split_state_dict(sd, bucket_bytes) if sd else []
-        return self.step, [ray.put(to_arrays(bucket)) for bucket in buckets]
+        dt = getattr(torch, dtype) if dtype else None
+        if not self.streams_weights:
+            sd = {k: v.to(dt or v.dtype) for k, v in self.hf_state_dict().items()}
+            buckets = split_state_dict(sd, bucket_bytes) if sd else []
+            return self.step, [ray.put(to_arrays(bucket)) for bucket in buckets]
+        refs, bucket, size = [], {}, 0
+        for name, t in self.iter_hf_weights():
+            if self.rank != 0:
+                continue
+            t = t.to("cpu", dt or t.dtype)
+            n = t.numel() * t.element_size()
+            if bucket and size + n > bucket_bytes:
+                refs.append(ray.put(to_arrays(bucket)))
+                bucket, size = {}, 0
+            bucket[name] = t
+            size += n
+        if bucket:
+            refs.append(ray.put(to_arrays(bucket)))
+        return self.step, refs
 
     # weight_sync.method=collective: rank 0 is the source of a process group with the workers
 
@@ -396,22 +444,33 @@ class Learner:
         if group is not None:
             group.close()
 
-    def broadcast_weights(self, bucket_bytes: int) -> float:
-        """Full HF-named weights (a collective of every rank) broadcast by rank 0 to the weight
-        group, bucket by bucket. Returns the seconds it took. A failed broadcast (a receiver
-        died) closes the group: a new one must be formed."""
+    def broadcast_weights(self, bucket_bytes: int, dtype: str | None = None) -> float:
+        """HF-named weights cast to `dtype` (None: as trained), broadcast by rank 0 to the weight
+        group bucket by bucket as they are gathered (every rank takes part in the gathers): at
+        most two buckets and one full parameter exist at once on the sender
+        (rl/weights.send_weights_streaming). Returns the seconds it took. A failed broadcast (a
+        receiver died) closes the group: a new one must be formed."""
         t0 = time.monotonic()
-        sd = self.hf_state_dict()
-        if self.rank == 0:
-            if self.weight_group is None:
-                raise RuntimeError(
-                    "no weight-sync group: open_weight_group/join_weight_group first"
-                )
-            try:
-                send_weights(self.weight_group, sd, bucket_bytes)
-            except Exception:
-                self.close_weight_group()
-                raise
+        dt = getattr(torch, dtype) if dtype else None
+        if self.rank == 0 and self.weight_group is None:
+            raise RuntimeError("no weight-sync group: open_weight_group/join_weight_group first")
+        if not self.streams_weights:
+            sd = {k: v.to(dt or v.dtype) for k, v in self.hf_state_dict().items()}
+            metas = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+            tensors = iter(sd.items())
+        else:
+            metas, tensors = self.weight_metas(dt), self.iter_hf_weights()
+        if self.rank != 0:
+            for _ in tensors:  # the gathers
+                pass
+            return time.monotonic() - t0
+        try:
+            send_weights_streaming(
+                self.weight_group, bucket_plan(metas, bucket_bytes), iter(tensors)
+            )
+        except Exception:
+            self.close_weight_group()
+            raise
         return time.monotonic() - t0
 
     def export_hf(self, path: str) -> str | None:

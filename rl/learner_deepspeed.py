@@ -136,6 +136,8 @@ class DeepSpeedLearner(Learner):
 
     # -- weights out -----------------------------------------------------------------------------
 
+    streams_weights = False  # ZeRO-3 gathers the whole model (hf_state_dict)
+
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, HF-named fp32 CPU weights gathered from the ZeRO-3 master copy (rank 0; other
         ranks get {}). Every rank must call it: each parameter is one all-gather."""

@@ -432,7 +432,8 @@ class Orchestrator:
         """Start a learner step on `groups` at policy version self.version on every rank (each
         builds the advantages and the loss: rl.learner.Learner.train_on); returns at once, so the
         async loop keeps receiving rollouts meanwhile."""
-        trajs = [t for g in groups for t in g.trajectories]
+        # serialised and put in the object store once; every rank reads the same object
+        trajs = ray.put([t for g in groups for t in g.trajectories])
         refs = [a.train_on.remote(trajs, self.version) for a in self.learners]
         return Training(refs, groups)
 

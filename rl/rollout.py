@@ -27,7 +27,14 @@ from rl.engines.base import Completion, Engine, SamplingParams
 from rl.engines.native import NativeEngine
 from rl.tasks import derive_seed
 from rl.types import Job, Trajectory
-from rl.weights import WeightGroup, from_arrays, merge_buckets, recv_weights
+from rl.weights import (
+    WeightGroup,
+    assemble,
+    from_arrays,
+    merge_buckets,
+    plan_tensors,
+    recv_weights_streaming,
+)
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0  # rollout.episode_timeout_s where no env asks for longer
 
@@ -417,16 +424,47 @@ class RolloutWorker:
             old.close()
 
     async def receive_broadcast(self, version: int) -> int:
-        """Receive one update from the weight group (on a thread: episodes keep decoding), then
-        apply it between two decode steps."""
+        """Receive one update from the weight group and load it as it arrives, bucket by bucket
+        (rl/weights.recv_weights_streaming: at most two buckets held; the native engine copies
+        each into its parameters, decoding waiting meanwhile so no token sees part of an update).
+        An engine without streamed loading (vLLM) gets the whole update at once."""
         group = self.weight_group
         if group is None:
             raise RuntimeError(f"worker {self.worker_id} has not joined a weight-sync group")
-        weights = await asyncio.get_running_loop().run_in_executor(None, recv_weights, group)
-        return await self._apply_weights(weights, version)
+
+        def receive() -> None:
+            plan, buckets = recv_weights_streaming(group)
+            try:
+                if version < self.engine.version:
+                    raise RuntimeError(
+                        f"worker {self.worker_id}: the update to policy version {version} "
+                        f"arrived after version {self.engine.version} (weight updates out of order)"
+                    )
+                if hasattr(self.engine, "load_streaming"):
+                    self.engine.load_streaming(plan_tensors(plan), buckets, version)
+                else:
+                    self.engine.update_weights(assemble(plan, buckets), version)
+            except (KeyError, ValueError, RuntimeError):
+                for _ in buckets:  # refused before loading: the group stays in step
+                    pass
+                raise
+
+        async with self._apply_lock:
+            t0 = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, receive)
+            self.weight_update_s = time.monotonic() - t0
+            return self.engine.version
 
     def version(self) -> int:
         return self.engine.version
+
+    def weight_dtype(self) -> str | None:
+        """The dtype this engine's weights are held in (the learner casts to it at the source),
+        or None when unknown (sent as trained)."""
+        model = getattr(self.engine, "model", None)
+        if isinstance(model, torch.nn.Module):
+            return str(next(model.parameters()).dtype).removeprefix("torch.")
+        return getattr(self.engine, "dtype", None)
 
     def stats(self) -> dict[str, Any]:
         return {

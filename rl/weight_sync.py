@@ -35,6 +35,7 @@ class WeightSync:
         self.learners: list = []
         self.pending_acks: list = []  # (worker, actor, refs) of the update not yet acknowledged
         self.group_ready = False  # collective: the group is formed
+        self._dtype: str | None = None  # resolved weight_sync.dtype ("" = as trained)
         pool.on_replace = self.give_current_weights
 
     def sync(self, version: int, wait: bool = True) -> float:
@@ -57,6 +58,16 @@ class WeightSync:
             return time.monotonic() - t0 + self.sync(version, wait)
         return time.monotonic() - t0
 
+    def dtype(self) -> str | None:
+        """What the learner casts the weights to before they leave (weight_sync.dtype; auto:
+        the dtype the workers' engine holds, asked of worker 0 once)."""
+        if self._dtype is None:
+            wanted = self.cfg.weight_sync.dtype
+            if wanted == "auto":
+                wanted = ray.get(self.pool.workers[0].weight_dtype.remote()) or ""
+            self._dtype = wanted
+        return self._dtype or None
+
     def give_current_weights(self, index: int) -> None:
         """A new (replacement) worker gets the learner's current weights through the object
         store, whatever the method, labelled with the learner's own version (in async mode a
@@ -75,7 +86,10 @@ class WeightSync:
         arrived. The weights carry the learner's version; `version` (None: any) is what the loop
         expects, and a learner that published another stops the run."""
         published, refs = self.learner_get(
-            [a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners],
+            [
+                a.publish_weights.remote(self.cfg.weight_sync.bucket_bytes, self.dtype())
+                for a in self.learners
+            ],
             "weight publishing",
         )[0]
         if version is not None and published != version:
@@ -97,7 +111,8 @@ class WeightSync:
             if not self.group_ready:
                 self._form_group()
             sending = [
-                a.broadcast_weights.remote(self.cfg.weight_sync.bucket_bytes) for a in self.learners
+                a.broadcast_weights.remote(self.cfg.weight_sync.bucket_bytes, self.dtype())
+                for a in self.learners
             ]
             receiving = [
                 (w, wk, [wk.receive_broadcast.remote(version)])

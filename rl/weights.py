@@ -26,9 +26,11 @@ a tiny model in 4-9 buckets; once per demo run of 16 steps).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import math
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,9 @@ class WeightSyncConfig:
     method: str = "object_store"  # object_store | collective
     backend: str = "auto"  # collective: auto (nccl if learner and workers have GPUs) | gloo | nccl
     bucket_mb: float = 64.0  # MiB per bucket (one ray.put, or one broadcast)
+    # what the learner casts the weights to before sending: auto (the rollout engine's dtype,
+    # asked of a worker), or float32 | bfloat16 | float16
+    dtype: str = "auto"
     # collective: forming the group, one broadcast, or a worker's ping before it; past it: an error
     timeout_s: float = 120.0
 
@@ -54,6 +59,10 @@ class WeightSyncConfig:
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(
                 f"weight_sync.backend must be auto, gloo or nccl, got {self.backend!r}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"weight_sync.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
         if self.bucket_mb <= 0:
             raise ValueError(f"weight_sync.bucket_mb must be > 0, got {self.bucket_mb}")
@@ -268,6 +277,126 @@ def recv_weights(group: WeightGroup) -> dict[str, torch.Tensor]:
         out.update(unflatten(flat, plan))
     for work in pending:
         work.wait()
+    return out
+
+
+# -- streaming: at most two buckets in flight, whatever the model's size --------------------------
+
+# per bucket: its dtype and its pieces (name, the tensor's shape, first and last+1 flat element)
+Plan = list[tuple[str, list[tuple[str, tuple[int, ...], int, int]]]]
+Piece = tuple[str, int, torch.Tensor]  # name, first flat element, the flat values
+
+
+def bucket_plan(metas: list[tuple[str, tuple[int, ...], torch.dtype]], bucket_bytes: int) -> Plan:
+    """The buckets of an update from its tensors' metadata alone (name, shape, dtype, in
+    order), so the plan goes first and no tensor has to exist before its bucket is filled.
+    Every bucket holds one dtype and at most `bucket_bytes`: a tensor that does not fit in the
+    room left is split (flat, in order) and continues in the next bucket, so a bucket is never
+    larger than asked for, whatever the size of the largest tensor (CWM's embedding is 1.6 GB
+    in bf16)."""
+    plan: Plan = []
+    room = 0
+    for name, shape, dtype in metas:
+        key = str(dtype).removeprefix("torch.")
+        per = max(1, bucket_bytes // dtype.itemsize)  # elements per bucket
+        total, start = math.prod(shape), 0
+        while start < total or (total == 0 and start == 0):
+            if not plan or plan[-1][0] != key or room == 0:
+                plan.append((key, []))
+                room = per
+            stop = min(total, start + room)
+            plan[-1][1].append((name, tuple(shape), start, stop))
+            room -= stop - start
+            start = stop
+            if total == 0:
+                break
+    return plan
+
+
+def send_weights_streaming(
+    group: WeightGroup, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
+) -> int:
+    """Rank 0: broadcast an update whose tensors come one at a time from `tensors` (in the
+    plan's order, each whole, in any dtype: e.g. gathered from FSDP shards one parameter at a
+    time). Each bucket is one flat buffer in the plan's dtype, filled piece by piece (the cast
+    happens in the copy, so no cast copy of a whole tensor is made) and posted; before a
+    third buffer is allocated the oldest send is waited for, so at most two buckets exist at
+    once. Returns bytes sent."""
+    _send_bytes(group, pickle.dumps(plan))
+    sent = 0
+    inflight: collections.deque = collections.deque()
+    current = None
+    for dtype, pieces in plan:
+        if len(inflight) == 2:
+            inflight.popleft()[0].wait()
+        n = sum(stop - start for _, _, start, stop in pieces)
+        flat = torch.empty(n, dtype=getattr(torch, dtype), device=group.device)
+        offset = 0
+        for name, shape, start, stop in pieces:
+            if start == 0:
+                current = None  # the previous tensor is done: free it before the next
+                got, tensor = next(tensors)
+                if got != name or tuple(tensor.shape) != shape:
+                    raise RuntimeError(
+                        f"weight stream: expected {name} {shape}, got {got} {tuple(tensor.shape)}"
+                    )
+                current = tensor.detach().reshape(-1)
+            flat[offset : offset + stop - start].copy_(current[start:stop])
+            offset += stop - start
+        inflight.append((group.broadcast(flat, wait=False), flat))
+        sent += flat.numel() * flat.element_size()
+        del flat
+    for work, _ in inflight:
+        work.wait()
+    return sent
+
+
+def recv_weights_streaming(group: WeightGroup) -> tuple[Plan, Iterator[list[Piece]]]:
+    """Ranks 1..N: the update's plan (read first, so a receiver can check every name and shape
+    before it changes anything), and an iterator of its buckets, each a list of pieces (name,
+    first flat element, a flat view of one buffer). The next bucket's receive is posted before
+    a bucket is handed out, so at most two buffers exist at once: a bucket's views must not be
+    kept past the next iteration."""
+    plan: Plan = pickle.loads(_recv_bytes(group))
+
+    def post(i: int):
+        dtype, pieces = plan[i]
+        n = sum(stop - start for _, _, start, stop in pieces)
+        flat = torch.empty(n, dtype=getattr(torch, dtype), device=group.device)
+        return group.broadcast(flat, wait=False), flat
+
+    def buckets() -> Iterator[list[Piece]]:
+        pending = post(0) if plan else None
+        for i in range(len(plan)):
+            work, flat = pending
+            work.wait()
+            pending = post(i + 1) if i + 1 < len(plan) else None
+            out, offset = [], 0
+            for name, _, start, stop in plan[i][1]:
+                out.append((name, start, flat[offset : offset + stop - start]))
+                offset += stop - start
+            del flat
+            yield out
+
+    return plan, buckets()
+
+
+def plan_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
+    """The (name, shape) of every tensor of a plan, once each, in order."""
+    return list({name: shape for _, pieces in plan for name, shape, _, _ in pieces}.items())
+
+
+def assemble(plan: Plan, buckets: Iterator[list[Piece]]) -> dict[str, torch.Tensor]:
+    """A streamed update as whole tensors (for an engine that loads an update at once: it holds
+    the whole update, as that engine needs)."""
+    dtypes = {name: dtype for dtype, pieces in plan for name, *_ in pieces}
+    out = {
+        name: torch.empty(shape, dtype=getattr(torch, dtypes[name]))
+        for name, shape in plan_tensors(plan)
+    }
+    for bucket in buckets:
+        for name, start, values in bucket:
+            out[name].view(-1)[start : start + values.numel()].copy_(values)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -465,3 +466,77 @@ def test_the_async_batcher_submits_as_requests_arrive():
 
     assert asyncio.run(run(True)) == ["short", "long"]
     assert asyncio.run(run(False)) == ["long", "short"]
+
+
+# -- streamed weight updates -----------------------------------------------------------------------
+
+
+def _buckets(model: CWM, size: int) -> tuple[list, list]:
+    """The model's weights as a streamed update: (name, shape)s and buckets of pieces."""
+    from rl.weights import bucket_plan, plan_tensors
+
+    sd = to_hf_state_dict(model.state_dict(), model.config)
+    plan = bucket_plan([(k, tuple(v.shape), v.dtype) for k, v in sd.items()], size)
+    buckets = [
+        [(name, start, sd[name].reshape(-1)[start:stop]) for name, _, start, stop in pieces]
+        for _, pieces in plan
+    ]
+    return plan_tensors(plan), buckets
+
+
+def test_a_streamed_update_equals_a_whole_one():
+    new = tiny(7)
+    names, buckets = _buckets(new, 4096)
+    assert len(buckets) > 3
+    streamed, whole = NativeEngine(tiny(0)), NativeEngine(tiny(0))
+    streamed.load_streaming(names, iter(buckets), version=3)
+    whole.update_weights(to_hf_state_dict(new.state_dict(), new.config), version=3)
+    p = SamplingParams(max_new_tokens=12, temperature=0)
+    a, b = streamed.generate([[4, 2]], p)[0], whole.generate([[4, 2]], p)[0]
+    assert a.token_ids == b.token_ids and a.versions == b.versions == [3] * 12
+    assert a.token_ids == reference_greedy(new, [4, 2], 12)[0]
+
+
+def test_a_streamed_update_with_a_bad_name_or_shape_changes_nothing():
+    engine = NativeEngine(tiny(0))
+    before = engine.generate([[4, 2]], SamplingParams(max_new_tokens=8, temperature=0))[0]
+    names, buckets = _buckets(tiny(7), 4096)
+    consumed = []
+
+    def stream():
+        for b in buckets:
+            consumed.append(1)
+            yield b
+
+    for bad, match in (
+        (names + [("model.layers.99.mlp.up_proj.weight", (2, 2))], "unknown parameter"),
+        ([(names[0][0], (1, 1))] + names[1:], "shape"),
+    ):
+        with pytest.raises((KeyError, ValueError), match=match):
+            engine.load_streaming(bad, stream(), version=1)
+    assert not consumed and engine.version == 0
+    after = engine.generate([[4, 2]], SamplingParams(max_new_tokens=8, temperature=0))[0]
+    assert after.token_ids == before.token_ids
+
+
+def test_a_stream_broken_midway_holds_sampling_until_a_complete_update():
+    """Part of an update loaded, then the transport fails: no token may be sampled on those
+    torn weights. A request waits; the next complete update releases it, and every token it
+    samples carries the new version."""
+    new = tiny(7)
+    engine = NativeEngine(tiny(0))
+    names, buckets = _buckets(new, 4096)
+
+    def broken():
+        yield buckets[0]
+        raise ConnectionError("peer gone")
+
+    with pytest.raises(ConnectionError):
+        engine.load_streaming(names, broken(), version=1)
+    (future,) = engine.submit([[4, 2]], SamplingParams(max_new_tokens=6, temperature=0))
+    time.sleep(0.5)
+    assert not future.done()  # waiting, not sampling on torn weights
+    engine.load_streaming(names, iter(buckets), version=2)
+    out, _ = future.result(30)
+    assert out.versions == [2] * 6
+    assert out.token_ids == reference_greedy(new, [4, 2], 6)[0]

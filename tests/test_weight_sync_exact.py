@@ -92,7 +92,7 @@ def _ray_parts(ray):
             self.sd, self.late_bucket, self.delay_s = sd, late_bucket, delay_s
             self.version = version
 
-        def publish_weights(self, bucket_bytes: int) -> tuple[int, list]:
+        def publish_weights(self, bucket_bytes: int, dtype: str | None = None) -> tuple[int, list]:
             buckets = [to_arrays(b) for b in split_state_dict(self.sd, bucket_bytes)]
             return self.version, [
                 late.remote(b, self.delay_s) if i == self.late_bucket else ray.put(b)

@@ -14,12 +14,16 @@ from model.hf import split_state_dict
 from rl.weights import (
     WeightGroup,
     WeightSyncConfig,
+    assemble,
+    bucket_plan,
     flatten,
     from_arrays,
     merge_buckets,
     recv_weights,
+    recv_weights_streaming,
     resolve_backend,
     send_weights,
+    send_weights_streaming,
     to_arrays,
     unflatten,
 )
@@ -169,3 +173,88 @@ def test_config_and_backend_choice():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="nccl needs CUDA"):
             WeightGroup.join({"host": "127.0.0.1", "port": 1, "world_size": 2}, 1, "nccl", 1.0)
+
+
+# -- streaming: the plan from metadata, at most two buckets held --------------------------------
+
+
+def test_the_plan_covers_every_tensor_once_in_buckets_no_larger_than_asked():
+    """A tensor larger than a bucket is split across buckets (CWM's embedding is far larger
+    than any reasonable bucket); every element belongs to exactly one piece, in order, and a
+    bucket holds one dtype and at most bucket_bytes, whatever the largest tensor."""
+    sd = mixed_state_dict()
+    metas = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    for bucket_bytes in (1, 100, 1024, 10**9):
+        plan = bucket_plan(metas, bucket_bytes)
+        covered: dict[str, list[tuple[int, int]]] = {}
+        for dtype, pieces in plan:
+            size = sum(stop - start for _, _, start, stop in pieces)
+            assert size * getattr(torch, dtype).itemsize <= max(bucket_bytes, 8)
+            for name, shape, start, stop in pieces:
+                assert shape == tuple(sd[name].shape) and str(sd[name].dtype) == f"torch.{dtype}"
+                covered.setdefault(name, []).append((start, stop))
+        assert list(covered) == list(sd)
+        for name, ranges in covered.items():
+            assert ranges[0][0] == 0 and ranges[-1][1] == sd[name].numel()
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert len(bucket_plan(metas, 10**9)) == 4  # one bucket per dtype run: f32, bf16, i64, f32
+    plan = bucket_plan([("big", (100, 10), torch.float32)], 1000)
+    assert [p for _, ps in plan for p in ps][:2] == [
+        ("big", (100, 10), 0, 250),
+        ("big", (100, 10), 250, 500),
+    ]
+
+
+def test_a_streamed_update_arrives_bit_for_bit_holding_two_buffers_at_most():
+    """The sender takes its tensors one at a time from an iterator; every receiver gets them
+    bucket by bucket, and when it holds bucket i no buffer of bucket i-2 or older is alive (it
+    keeps no reference: at most the one it reads and the one being received)."""
+    import gc
+    import weakref
+
+    sd = mixed_state_dict()
+    metas = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    plan = bucket_plan(metas, 256)  # the embedding (1600 bytes) spans buckets
+    assert len(plan) >= 8
+    pulled = []
+
+    def tensors():
+        for k, v in sd.items():
+            pulled.append(k)
+            yield k, v
+
+    def receive(g):
+        got_plan, buckets = recv_weights_streaming(g)
+        pieces, buffers, alive = [], [], []
+        for bucket in buckets:
+            pieces += [(name, start, values.clone()) for name, start, values in bucket]
+            buffers.append(weakref.ref(bucket[0][2]._base))
+            del bucket
+            gc.collect()
+            alive.append(sum(ref() is not None for ref in buffers))
+        return got_plan, assemble(got_plan, iter([pieces])), alive
+
+    results = run_group(3, lambda g: send_weights_streaming(g, plan, tensors()), receive)
+    assert results[0] == sum(t.numel() * t.element_size() for t in sd.values())
+    assert pulled == list(sd)
+    for got_plan, out, alive in results[1:]:
+        assert got_plan == plan
+        assert list(out) == list(sd)
+        for k in sd:
+            assert out[k].dtype == sd[k].dtype and torch.equal(out[k], sd[k])
+        assert max(alive) <= 2, alive
+
+
+def test_a_stream_whose_tensors_do_not_follow_the_plan_is_refused():
+    sd = mixed_state_dict()
+    plan = bucket_plan([(k, tuple(v.shape), v.dtype) for k, v in sd.items()], 10**9)
+    swapped = list(sd.items())
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    group_results = run_group(
+        2,
+        lambda g: send_weights_streaming(g, plan, iter(swapped)),
+        lambda g: recv_weights_streaming(g)[0],
+        timeout_s=5,
+    )
+    assert isinstance(group_results[0], RuntimeError)
+    assert "weight stream: expected" in str(group_results[0])

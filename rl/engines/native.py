@@ -14,6 +14,7 @@ called alone (sync mode), it runs exactly the batch it was given."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -126,6 +127,8 @@ class NativeEngine(Engine):
         self._step_lock = threading.Lock()  # a decode step, or a weight update, at a time
         self._running = threading.Event()
         self._running.set()
+        self._intact = threading.Event()  # cleared while a streamed update is incomplete
+        self._intact.set()
         self._seeds = torch.Generator().manual_seed(seed)  # for requests without a seed
         self.decode_steps = 0
         self.prefill_tokens = 0  # prompt tokens run through the model (padding included)
@@ -174,6 +177,46 @@ class NativeEngine(Engine):
                 param.copy_(tensor)
             cpu_kernels.repack(self._packers)
             self.version = version
+            self._intact.set()
+
+    @torch.no_grad()
+    def load_streaming(
+        self,
+        names_shapes: list[tuple[str, tuple[int, ...]]],
+        buckets: Iterable[Iterable[tuple[str, int, torch.Tensor]]],
+        version: int,
+    ) -> None:
+        """One update that arrives bucket by bucket (rl/weights.recv_weights_streaming: pieces
+        of flat values, a large tensor split over buckets), each piece copied into its parameter
+        as it arrives, so no whole copy of the model is ever held. Every name and shape is
+        checked against the model before anything changes; then decoding waits for the whole
+        update (the step lock is held from the first copy to the new version), so no token is
+        sampled on part of it. A transport that fails midway leaves the weights torn: the
+        engine then samples nothing (requests wait) until a complete update arrives, and the
+        error is raised."""
+        params = dict(self.model.named_parameters())
+        targets = {}
+        for hf, shape in names_shapes:
+            name = native_name(hf)
+            if name is None:
+                continue
+            if name not in params:
+                raise KeyError(f"update_weights: unknown parameter {hf!r}")
+            if tuple(params[name].shape) != tuple(shape):
+                raise ValueError(
+                    f"update_weights: {hf!r} has shape {tuple(shape)}, "
+                    f"expected {tuple(params[name].shape)}"
+                )
+            targets[hf] = params[name].view(-1)
+        with self._step_lock:
+            self._intact.clear()
+            for bucket in buckets:
+                for hf, start, values in bucket:
+                    if hf in targets:
+                        targets[hf][start : start + values.numel()].copy_(values)
+            cpu_kernels.repack(self._packers)
+            self.version = version
+            self._intact.set()
 
     def pause(self) -> None:
         self._running.clear()
@@ -375,7 +418,18 @@ class NativeEngine(Engine):
         s = seed % 2**64
         return torch.Generator(self.device).manual_seed((s ^ (s >> 32)) & 0xFFFFFFFF)
 
+    @contextlib.contextmanager
     def _step(self):
-        """Wait while paused, then hold the step lock for one forward."""
-        self._running.wait()
-        return self._step_lock
+        """Wait while paused (or while a failed streamed update left the weights torn), then
+        hold the step lock for one forward (the weights are checked intact under the lock)."""
+        while True:
+            self._running.wait()
+            self._intact.wait()
+            self._step_lock.acquire()
+            if self._intact.is_set():
+                break
+            self._step_lock.release()
+        try:
+            yield
+        finally:
+            self._step_lock.release()

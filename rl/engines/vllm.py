@@ -71,6 +71,7 @@ class VLLMEngine(Engine):
         self.hf_config = json.loads((model_dir / "config.json").read_text())
         self.vocab_size = int(self.hf_config["vocab_size"])
         self.max_model_len = max_model_len
+        self.dtype = dtype  # the weight updates' dtype: the learner casts to it before sending
         self.expected_shapes = _expected_hf_shapes(self.hf_config)
         _check_head_dim(self.hf_config)
         set_num_threads = torch.set_num_threads
