@@ -1,0 +1,207 @@
+"""Context parallelism (rl/context_parallel.py): one packed row split over 2 and 4 gloo ranks gives
+the single-rank log-probs, GRPO loss and parameter gradients (summed over the group); sliding
+layers move only the keys their window reaches; the config key is checked against num_learners.
+
+The row: a tiny CWM with the 3:1 pattern (layers full, sliding, sliding, sliding), a window of 4,
+and four documents of 3, 24, 4 and 8 tokens (39, padded to 40): on 4 ranks (chunks of 10) the
+second document spans ranks 0-2, so rank 2's full-attention layer reaches two ranks back, and
+document boundaries fall inside chunks; on 2 ranks (chunks of 20) it straddles the boundary."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model.cwm import CWM, CWMConfig
+from rl import grpo
+from rl.config import load_config
+from rl.context_parallel import Transfer, kv_transfers, pad_positions, split_micro_batch
+from rl.learner import context_parallel_logprobs, token_logprobs, trained_positions
+from rl.packing import build_micro_batch
+from rl.schema import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DOCS = [3, 24, 4, 8]
+WINDOW = 4
+TEMPERATURE = 0.7
+HEAD_CHUNK = 4  # lm_head in chunks, recomputed in backward: the learner's path
+LOSSES = {
+    "gspo": grpo.LossConfig(  # sequence-level ratio and mean: terms that span chunks
+        advantage="std", ratio_level="sequence", aggregation="seq-mean-token-mean",
+        eps_low=0.2, eps_high=0.2,
+    ),
+    "cwm-constant": grpo.LossConfig(aggregation="constant", norm_length=32),
+}  # fmt: skip
+TIMEOUT_S = 120
+# fp32: the sharded side adds the same terms in another order (masked SDPA over the received and
+# local keys vs per-document SDPA; gradients summed over ranks)
+LOSS_ATOL = 1e-6
+GRAD_ATOL, GRAD_RTOL = 1e-5, 1e-4
+
+
+def tiny_config() -> CWMConfig:
+    return CWMConfig.preset("tiny", sliding_window=WINDOW)
+
+
+def model_and_row():
+    """The same model and packed row in every process (fixed seeds)."""
+    torch.manual_seed(0)
+    model = CWM(tiny_config())
+    model.init_weights(std=0.1)
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(3, 256, (n,), generator=g).tolist() for n in DOCS]
+    masks = [[int(i >= 1 and (i * 7 + d) % 3 != 0) for i in range(n)] for d, n in enumerate(DOCS)]
+    logprobs = [(-torch.rand(n, generator=g) * 3).tolist() for n in DOCS]
+    advantages = [[a] * n for a, n in zip([1.0, -0.5, 0.25, -1.0], DOCS)]
+    mb = build_micro_batch(list(range(len(DOCS))), tokens, masks, logprobs, advantages)
+    return model, mb
+
+
+def loss_and_grads(model, mb, lp, loss_config):
+    loss, _ = grpo.packed_policy_loss(lp, mb, loss_config, normaliser=None)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    group = dist.group.WORLD
+    result = {}
+    for name, loss_config in LOSSES.items():
+        model, mb = model_and_row()
+        lp, _ = token_logprobs(model, mb, TEMPERATURE, HEAD_CHUNK, trained_positions(mb))
+        want_loss, want_grads = loss_and_grads(model, mb, lp, loss_config)
+        lp_cp, _ = context_parallel_logprobs(
+            model, mb, group, WINDOW, TEMPERATURE, HEAD_CHUNK, trained_only=True
+        )
+        loss, grads = loss_and_grads(model, mb, lp_cp, loss_config)
+        for g in grads.values():  # what the learner's FSDP reduction does (sum over the group)
+            dist.all_reduce(g)
+        result[name] = dict(
+            lp=(lp_cp.detach() - lp.detach()).abs().max().item(),
+            loss=(loss - want_loss).abs().item(),
+            want_loss=want_loss.item(),
+            grads={k: (grads[k], want_grads[k]) for k in grads},
+        )
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def run_ranks(world: int, out: str) -> list[dict]:
+    ranks = mp.start_processes(
+        _rank, args=(world, _free_address(), out), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ranks.join(timeout=0.5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s")
+    return [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_row_gives_the_single_rank_loss_and_gradients(world, tmp_path):
+    results = run_ranks(world, str(tmp_path))
+    for rank, result in enumerate(results):
+        for name, r in result.items():
+            what = f"{world} ranks, rank {rank}, {name}"
+            assert r["lp"] < 1e-5, what
+            assert r["loss"] < LOSS_ATOL, f"{what}: loss {r['want_loss']} off by {r['loss']}"
+            grads = r["grads"]
+            scale = max(float(want.abs().max()) for _, want in grads.values())
+            assert scale > 0
+            for k, (got, want) in grads.items():
+                torch.testing.assert_close(
+                    got, want, atol=GRAD_ATOL * scale, rtol=GRAD_RTOL, msg=f"{what} {k}"
+                )
+
+
+def test_a_wrong_exchange_is_caught():
+    """The tolerances tell a real error: dropping one received key of a sliding layer (a window of
+    3 instead of 4 at chunk starts) moves the log-probs far beyond them."""
+    model, mb = model_and_row()
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, mb, TEMPERATURE, HEAD_CHUNK)
+        narrower = CWM(tiny_config())
+        narrower.load_state_dict(model.state_dict())
+        narrower.config.sliding_window = WINDOW - 1
+        lp_bad, _ = token_logprobs(narrower, mb, TEMPERATURE, HEAD_CHUNK)
+    assert (lp - lp_bad).abs().max() > 1e-3
+
+
+def test_sliding_layers_fetch_only_the_window_and_full_layers_the_document():
+    positions = pad_positions(torch.cat([torch.arange(n) for n in DOCS])[None], 4)  # 40, C = 10
+    # a window of 4 needs the previous 3 keys: a suffix of rank r-1's chunk
+    assert kv_transfers(positions, 4, WINDOW) == [
+        Transfer(src=0, dst=1, start=7, length=3),
+        Transfer(src=1, dst=2, start=7, length=3),
+        Transfer(src=2, dst=3, start=7, length=3),
+    ]
+    # full attention: back to the start of the document each chunk begins in (3, 3, 27)
+    assert kv_transfers(positions, 4, None) == [
+        Transfer(src=0, dst=1, start=3, length=7),
+        Transfer(src=0, dst=2, start=3, length=7),
+        Transfer(src=1, dst=2, start=0, length=10),
+        Transfer(src=2, dst=3, start=7, length=3),
+    ]
+    # ... or less, where the document starts within the window (at 12 here)
+    late_start = torch.cat([torch.arange(12), torch.arange(28)])[None]
+    assert kv_transfers(late_start, 2, 10) == [Transfer(src=0, dst=1, start=12, length=8)]
+    # a chunk that starts a document needs nothing
+    aligned = torch.cat([torch.arange(10), torch.arange(10)])[None]
+    assert kv_transfers(aligned, 2, WINDOW) == [] and kv_transfers(aligned, 2, None) == []
+    # a window longer than a chunk reaches two ranks back, and no further
+    one_doc = torch.arange(40)[None]
+    assert kv_transfers(one_doc, 4, 15)[-2:] == [
+        Transfer(src=1, dst=3, start=6, length=4),
+        Transfer(src=2, dst=3, start=0, length=10),
+    ]
+
+
+def test_split_pads_with_a_document_of_its_own_and_no_loss():
+    _, mb = model_and_row()
+    parts = [split_micro_batch(mb, r, 4)[0] for r in range(4)]
+    assert all(p.num_tokens == 10 for p in parts)
+    whole = lambda name: torch.cat([getattr(p, name) for p in parts], dim=1)  # noqa: E731
+    assert torch.equal(whole("input_ids")[:, :39], mb.input_ids)
+    assert torch.equal(whole("loss_mask")[:, :39], mb.loss_mask)
+    assert not whole("loss_mask")[0, 39] and whole("position_ids")[0, 39] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["num_learners=3", "learner.context_parallel_size=2"], "learner.context_parallel_size"),
+        (["learner.context_parallel_size=0"], "learner.context_parallel_size"),
+        (
+            ["num_learners=2", "learner.context_parallel_size=2", "learner.backend=deepspeed"],
+            "learner.context_parallel_size",
+        ),
+    ],
+)
+def test_context_parallel_size_is_checked_against_num_learners(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny_math.yaml", overrides)
+
+
+def test_context_parallel_size_dividing_num_learners_is_accepted():
+    cfg = load_config(
+        CONFIGS / "tiny_math.yaml", ["num_learners=4", "learner.context_parallel_size=2"]
+    )
+    assert cfg.learner.context_parallel_size == 2
+    assert load_config(CONFIGS / "tiny_math.yaml").learner.context_parallel_size == 1
