@@ -19,12 +19,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.cwm import CWM, CWMConfig
+from model.loader import ModelSpec
 from rl import grpo
 from rl.config import load_config
 from rl.context_parallel import Transfer, kv_transfers, pad_positions, split_micro_batch
-from rl.learner import context_parallel_logprobs, token_logprobs, trained_positions
+from rl.learner import (
+    Learner,
+    LearnerConfig,
+    OptimConfig,
+    context_parallel_logprobs,
+    token_logprobs,
+    trained_positions,
+)
 from rl.packing import build_micro_batch
 from rl.schema import ConfigError
+from rl.types import TrainBatch, Trajectory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DOCS = [3, 24, 4, 8]
@@ -57,9 +66,13 @@ def model_and_row():
     g = torch.Generator().manual_seed(1)
     tokens = [torch.randint(3, 256, (n,), generator=g).tolist() for n in DOCS]
     masks = [[int(i >= 1 and (i * 7 + d) % 3 != 0) for i in range(n)] for d, n in enumerate(DOCS)]
-    logprobs = [(-torch.rand(n, generator=g) * 3).tolist() for n in DOCS]
     advantages = [[a] * n for a, n in zip([1.0, -0.5, 0.25, -1.0], DOCS)]
-    mb = build_micro_batch(list(range(len(DOCS))), tokens, masks, logprobs, advantages)
+    mb = build_micro_batch(list(range(len(DOCS))), tokens, masks, masks, advantages)
+    # behaviour log-probs within 0.15 nats of the policy's: ratios near 1, so the clip binds on
+    # some tokens only and every document has a gradient
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, mb, TEMPERATURE, HEAD_CHUNK)
+    mb.behaviour_logprobs = lp[None] + (torch.rand(lp.shape, generator=g) - 0.5) * 0.3
     return model, mb
 
 
@@ -101,16 +114,20 @@ def _free_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def run_ranks(world: int, out: str) -> list[dict]:
-    ranks = mp.start_processes(
-        _rank, args=(world, _free_address(), out), nprocs=world, join=False, start_method="spawn"
-    )
+def _join(ranks, world: int) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while not ranks.join(timeout=0.5):  # raises if a rank failed
         if time.monotonic() > deadline:
             for process in ranks.processes:
                 process.kill()
             pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s")
+
+
+def run_ranks(world: int, out: str) -> list[dict]:
+    ranks = mp.start_processes(
+        _rank, args=(world, _free_address(), out), nprocs=world, join=False, start_method="spawn"
+    )
+    _join(ranks, world)
     return [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -129,6 +146,74 @@ def test_sharded_row_gives_the_single_rank_loss_and_gradients(world, tmp_path):
                 torch.testing.assert_close(
                     got, want, atol=GRAD_ATOL * scale, rtol=GRAD_RTOL, msg=f"{what} {k}"
                 )
+
+
+# -- the Learner: 4 FSDP2 ranks, 2 context-parallel groups of 2, against one plain rank ------------
+
+SPEC = ModelSpec(path="preset:tiny", overrides={"sliding_window": WINDOW})
+LR = 1e-4
+LEARNER_DOCS = [30, 9, 24, 12]  # budget 40: two rows (30 + 9, 24 + 12), one per group
+
+
+def learner_config(cp: int) -> LearnerConfig:
+    return LearnerConfig(
+        optim=OptimConfig(lr=LR), loss=LOSSES["gspo"], micro_batch_tokens=40,
+        temperature=TEMPERATURE, logprob_chunk=HEAD_CHUNK, context_parallel_size=cp,
+    )  # fmt: skip
+
+
+def learner_batch() -> TrainBatch:
+    """Trajectories whose behaviour log-probs are within 0.15 nats of the initial policy's."""
+    g = torch.Generator().manual_seed(2)
+    policy = Learner(learner_config(1), SPEC)
+    trajs = []
+    for i, n in enumerate(LEARNER_DOCS):
+        mask = [int(t >= 4 and (t + i) % 4 != 0) for t in range(n)]
+        tokens = torch.randint(3, 256, (n,), generator=g).tolist()
+        trajs.append(Trajectory(
+            task_id=str(i), env="test", group_id=str(i // 2), tokens=tokens, loss_mask=mask,
+            logprobs=[0.0] * n, versions=[0 if m else -1 for m in mask], prompt_len=4, reward=0.0,
+        ))  # fmt: skip
+    for traj, lp in zip(trajs, policy.compute_logprobs(trajs)):
+        noise = (torch.rand(len(lp), generator=g) - 0.5) * 0.3
+        traj.logprobs = [x + float(e) if m else 0.0 for x, e, m in zip(lp, noise, traj.loss_mask)]
+    advantages = [[a * m for m in t.loss_mask] for a, t in zip([1.0, -1.0, 0.5, -0.5], trajs)]
+    return TrainBatch(trajs, advantages)
+
+
+def learner_step(learner: Learner, batch: TrainBatch) -> dict:
+    logprobs = learner.compute_logprobs(batch.trajectories)
+    metrics = learner.train_step(batch)
+    return dict(metrics=metrics, logprobs=logprobs, weights=learner.hf_state_dict())
+
+
+def _learner_rank(rank: int, world: int, init: str, batch: TrainBatch, out: str) -> None:
+    learner = Learner(learner_config(2), SPEC, rank, world, init, num_threads=1)
+    result = learner_step(learner, batch)
+    if rank == 0:
+        torch.save(result, f"{out}/learner.pt")
+    learner.shutdown()
+
+
+def test_learner_with_context_parallel_groups_takes_the_single_rank_step(tmp_path):
+    batch = learner_batch()
+    want = learner_step(Learner(learner_config(1), SPEC), batch)
+    ranks = mp.start_processes(
+        _learner_rank, args=(4, _free_address(), batch, str(tmp_path)), nprocs=4, join=False,
+        start_method="spawn",
+    )  # fmt: skip
+    _join(ranks, 4)
+    got = torch.load(f"{tmp_path}/learner.pt", weights_only=False)
+    for a, b in zip(got["logprobs"], want["logprobs"]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    m, w = got["metrics"], want["metrics"]
+    assert m["micro_batches"] == w["micro_batches"] == 2
+    for key in ("loss", "tokens", "sequences", "grad_norm", "ratio_mean"):
+        assert m[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
+    # one AdamW step moves each weight by about lr; rounding moves it by a few % of that where a
+    # gradient element is near AdamW's eps (tests/test_grad_parity.py)
+    for k, v in want["weights"].items():
+        torch.testing.assert_close(got["weights"][k], v, atol=5e-2 * LR, rtol=0, msg=k)
 
 
 def test_a_wrong_exchange_is_caught():
