@@ -11,16 +11,17 @@ of those), so rank r needs from its predecessors only the keys from
 up to its own chunk: a suffix of rank r-1's chunk (and of earlier ranks' only when a document or
 the window reaches that far back). `kv_transfers` plans those suffixes; `ExchangeKV` moves them with
 point-to-point send/recv and sends their gradients back in backward. Attention then runs on the
-local queries over [received keys, local keys] with a mask of global indices (same document,
-causal, window), so the forward is the single-rank forward up to summation order.
+local queries over [received keys, local keys], one SDPA call per document of the chunk (as the
+single-rank `docs` backend), so the forward is the single-rank forward up to summation order.
 
 The log-probs of the chunks are gathered (`gather_chunks`) so every rank of the group computes the
 same, whole-row loss; its backward keeps this rank's slice, so the parameter gradients of the group's
 ranks add up to the single-rank gradient (the learner's FSDP reduction sums them).
 
 Not a streaming ring: a rank holds all the keys it needs at once (with one document spanning the
-row, a global layer on rank r holds r+1 chunks of K/V), and the mask is [C, keys]. A ring that
-rotates K/V chunks and merges partial softmaxes by log-sum-exp would bound that by two chunks.
+row, a full-attention layer on rank r receives r chunks of K/V, as an all-gather would). A ring that
+rotates K/V chunks and merges partial softmaxes by log-sum-exp would bound that by two chunks;
+sliding layers never need more than window - 1 keys per rank.
 The model never imports this module: the learner passes `ContextParallelAttention` to
 `CWM.forward(attention=...)`.
 """
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from model.cwm import document_ids
 from rl.packing import MicroBatch
@@ -147,9 +149,15 @@ def _wait(ops: list) -> None:
 
 class ContextParallelAttention:
     """The attention callable of `CWM.forward(attention=...)` on one rank of a CP group: causal
-    attention within documents (+ sliding window) of this rank's queries over the keys it holds
-    and the ones `kv_transfers` brings. `position_ids` is the whole padded row's [B, n*C].
-    `received` counts the key/value positions received per layer kind (for tests and logs)."""
+    attention within documents (+ sliding window) of this rank's queries over its own keys and the
+    ones `kv_transfers` brings. `position_ids` is the whole padded row's [B, n*C].
+
+    As model.cwm.PackedAttention's `docs` backend, one SDPA call per document of the chunk, so work
+    and memory grow with the documents' lengths, not the row's: a document that starts in the chunk
+    is plain causal (a sliding layer masks it only when longer than the window); the one the chunk
+    starts in also sees its earlier keys, the received ones: causal aligned to the last key
+    (`causal_lower_right`, no mask held) on a full layer, a [queries, queries + window - 1] mask on
+    a sliding one. `received` counts the key positions received per layer kind (tests, logs)."""
 
     def __init__(self, position_ids: torch.Tensor, window: int | None, group):
         self.group = group
@@ -158,33 +166,69 @@ class ContextParallelAttention:
         if T % self.cp_size:
             raise ValueError(f"row of {T} positions does not split over {self.cp_size} ranks")
         self.position_ids, self.window = position_ids, window
-        self.chunk = T // self.cp_size
-        self._plans: dict[bool, tuple[list[Transfer], torch.Tensor]] = {}
+        self.chunk = C = T // self.cp_size
+        self.offset = self.rank * C  # global index of this chunk's first position
+        doc = document_ids(position_ids).cpu()
+        own = doc[:, self.offset : self.offset + C]
+        # each row's documents in the chunk: (length, global index of the document's start)
+        self.segments = []
+        for b in range(B):
+            lengths = torch.unique_consecutive(own[b], return_counts=True)[1].tolist()
+            first_start = int((doc[b, : self.offset + 1] == own[b, 0]).int().argmax())
+            starts = [first_start] + [
+                self.offset + sum(lengths[:i]) for i in range(1, len(lengths))
+            ]
+            self.segments.append(list(zip(lengths, starts)))
+        self._plans: dict[bool, tuple[list[Transfer], int]] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
         self.received = {False: 0, True: 0}
 
-    def plan(self, sliding: bool) -> tuple[list[Transfer], torch.Tensor]:
-        """The transfers of a layer kind and the mask [B, 1, C, keys] of global indices."""
+    def plan(self, sliding: bool) -> tuple[list[Transfer], int]:
+        """The transfers of a layer kind and the global index of this rank's first key."""
         if sliding not in self._plans:
             window = self.window if sliding else None
             transfers = kv_transfers(self.position_ids, self.cp_size, window)
             lo = key_starts(self.position_ids, self.cp_size, window)[self.rank]
-            C, r, device = self.chunk, self.rank, self.position_ids.device
-            q = torch.arange(r * C, (r + 1) * C, device=device)
-            k = torch.arange(lo, (r + 1) * C, device=device)
-            doc = document_ids(self.position_ids)
-            m = (k[None, :] <= q[:, None])[None] & (doc[:, q, None] == doc[:, None, k])
-            if sliding:
-                m = m & (q[:, None] - k[None, :] < self.window)[None]
-            self._plans[sliding] = transfers, m[:, None]
+            self._plans[sliding] = transfers, lo
         return self._plans[sliding]
 
+    def _window_mask(self, n: int, num_keys: int, device) -> torch.Tensor:
+        """[n, num_keys]: query i (the last n of the keys' span) sees keys within the window."""
+        if (n, num_keys) not in self._masks:
+            diff = torch.arange(n, device=device)[:, None] + (num_keys - n)
+            diff = diff - torch.arange(num_keys, device=device)[None, :]
+            self._masks[n, num_keys] = (diff >= 0) & (diff < self.window)
+        return self._masks[n, num_keys]
+
     def __call__(self, q, k, v, sliding: bool, kv_cache=None):
-        transfers, mask = self.plan(sliding)
-        k_all, v_all = ExchangeKV.apply(k, v, transfers, self.group)
+        transfers, lo = self.plan(sliding)
+        k_all, v_all = ExchangeKV.apply(k, v, transfers, self.group)  # keys [lo, chunk end)
         self.received[sliding] += k_all.shape[2] - k.shape[2]
-        return F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        gqa = q.shape[1] != k.shape[1]
+        rows = []
+        for b, segments in enumerate(self.segments):
+            outs, start = [], 0  # start: the segment's first query, local
+            for n, doc_start in segments:
+                end = self.offset + start + n  # global, exclusive
+                first = doc_start  # global index of the first key any of these queries sees
+                if sliding:
+                    first = max(first, self.offset + start - self.window + 1)
+                qd = q[b : b + 1, :, start : start + n]
+                kd, vd = (t[b : b + 1, :, first - lo : end - lo] for t in (k_all, v_all))
+                num_keys = end - first
+                if sliding and (num_keys > n or n > self.window):
+                    mask = self._window_mask(n, num_keys, q.device)
+                elif num_keys > n:
+                    mask = causal_lower_right(n, num_keys)
+                else:
+                    mask = None
+                o = F.scaled_dot_product_attention(
+                    qd, kd, vd, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+                )
+                outs.append(o)
+                start += n
+            rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
 class _GatherChunks(torch.autograd.Function):
