@@ -64,7 +64,8 @@ class LearnerConfig:
     param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     logprob_chunk: int = 1024  # positions per lm_head chunk
     backend: str = "fsdp2"  # fsdp2 | deepspeed
-    # ranks that split one packed row between them (fsdp2; divides num_learners)
+    # ranks that split one packed row between them (fsdp2; divides num_learners): each holds
+    # 1/n of a micro_batch_tokens row (rl/context_parallel.py); data parallelism is over the rest
     context_parallel_size: int = 1
 
     @property

@@ -22,7 +22,13 @@ from model.cwm import CWM, CWMConfig
 from model.loader import ModelSpec
 from rl import grpo
 from rl.config import load_config
-from rl.context_parallel import Transfer, kv_transfers, pad_positions, split_micro_batch
+from rl.context_parallel import (
+    ContextParallelAttention,
+    Transfer,
+    kv_transfers,
+    pad_positions,
+    split_micro_batch,
+)
 from rl.learner import (
     Learner,
     LearnerConfig,
@@ -83,6 +89,15 @@ def loss_and_grads(model, mb, lp, loss_config):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
+def received_keys(model, mb, group) -> dict[bool, int]:
+    """Key positions one forward receives, summed over layers: {sliding?: count}."""
+    part, positions = split_micro_batch(mb, dist.get_rank(group), dist.get_world_size(group))
+    attention = ContextParallelAttention(positions, WINDOW, group)
+    with torch.no_grad():
+        token_logprobs(model, part, TEMPERATURE, HEAD_CHUNK, attention=attention)
+    return attention.received
+
+
 def _rank(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -99,6 +114,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         for g in grads.values():  # what the learner's FSDP reduction does (sum over the group)
             dist.all_reduce(g)
         result[name] = dict(
+            received=received_keys(model, mb, group),
             lp=(lp_cp.detach() - lp.detach()).abs().max().item(),
             loss=(loss - want_loss).abs().item(),
             want_loss=want_loss.item(),
@@ -134,7 +150,14 @@ def run_ranks(world: int, out: str) -> list[dict]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_row_gives_the_single_rank_loss_and_gradients(world, tmp_path):
     results = run_ranks(world, str(tmp_path))
+    chunk = -(-sum(DOCS) // world)
+    starts = [0, 3, 27, 31, 39]  # of the documents (the last one: the padding)
     for rank, result in enumerate(results):
+        # a sliding layer (3 of 4) receives the window's 3 keys before the chunk, a full one
+        # every key back to the start of the document the chunk begins in
+        doc_start = max(s for s in starts if s <= rank * chunk)
+        sliding = 3 * min(WINDOW - 1, rank * chunk - doc_start)
+        assert result["gspo"]["received"] == {True: sliding, False: rank * chunk - doc_start}
         for name, r in result.items():
             what = f"{world} ranks, rank {rank}, {name}"
             assert r["lp"] < 1e-5, what
@@ -159,6 +182,7 @@ def learner_config(cp: int) -> LearnerConfig:
     return LearnerConfig(
         optim=OptimConfig(lr=LR), loss=LOSSES["gspo"], micro_batch_tokens=40,
         temperature=TEMPERATURE, logprob_chunk=HEAD_CHUNK, context_parallel_size=cp,
+        activation_checkpointing=cp > 1,  # the exchange runs again in the backward's recompute
     )  # fmt: skip
 
 
@@ -216,9 +240,9 @@ def test_learner_with_context_parallel_groups_takes_the_single_rank_step(tmp_pat
         torch.testing.assert_close(got["weights"][k], v, atol=5e-2 * LR, rtol=0, msg=k)
 
 
-def test_a_wrong_exchange_is_caught():
-    """The tolerances tell a real error: dropping one received key of a sliding layer (a window of
-    3 instead of 4 at chunk starts) moves the log-probs far beyond them."""
+def test_the_tolerances_tell_a_window_one_key_short():
+    """A window of 3 instead of 4 (what dropping one received key per sliding layer would do at
+    chunk starts) moves the log-probs far beyond the parity tolerances."""
     model, mb = model_and_row()
     with torch.no_grad():
         lp, _ = token_logprobs(model, mb, TEMPERATURE, HEAD_CHUNK)
