@@ -29,6 +29,7 @@ The model never imports this module: the learner passes `ContextParallelAttentio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -175,9 +176,7 @@ class ContextParallelAttention:
         for b in range(B):
             lengths = torch.unique_consecutive(own[b], return_counts=True)[1].tolist()
             first_start = int((doc[b, : self.offset + 1] == own[b, 0]).int().argmax())
-            starts = [first_start] + [
-                self.offset + sum(lengths[:i]) for i in range(1, len(lengths))
-            ]
+            starts = [first_start] + [self.offset + n for n in accumulate(lengths[:-1])]
             self.segments.append(list(zip(lengths, starts)))
         self._plans: dict[bool, tuple[list[Transfer], int]] = {}
         self._masks: dict[tuple[int, int], torch.Tensor] = {}

@@ -186,10 +186,9 @@ def learner_config(cp: int) -> LearnerConfig:
     )  # fmt: skip
 
 
-def learner_batch() -> TrainBatch:
+def learner_batch(policy: Learner) -> TrainBatch:
     """Trajectories whose behaviour log-probs are within 0.15 nats of the initial policy's."""
     g = torch.Generator().manual_seed(2)
-    policy = Learner(learner_config(1), SPEC)
     trajs = []
     for i, n in enumerate(LEARNER_DOCS):
         mask = [int(t >= 4 and (t + i) % 4 != 0) for t in range(n)]
@@ -219,9 +218,11 @@ def _learner_rank(rank: int, world: int, init: str, batch: TrainBatch, out: str)
     learner.shutdown()
 
 
+@pytest.mark.slow  # ~25 s on 2 idle cores
 def test_learner_with_context_parallel_groups_takes_the_single_rank_step(tmp_path):
-    batch = learner_batch()
-    want = learner_step(Learner(learner_config(1), SPEC), batch)
+    single = Learner(learner_config(1), SPEC)
+    batch = learner_batch(single)
+    want = learner_step(single, batch)
     ranks = mp.start_processes(
         _learner_rank, args=(4, _free_address(), batch, str(tmp_path)), nprocs=4, join=False,
         start_method="spawn",
