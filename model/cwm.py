@@ -279,12 +279,15 @@ class CWM(nn.Module):
         use_cache: bool = False,
         logits_index: torch.Tensor | None = None,
         head: Callable[[torch.Tensor, nn.Linear], Any] | None = None,
+        attention: Callable | None = None,
     ) -> Any:
         """Logits [B, T, V] (or [B, K, V] at `logits_index` [B, K], e.g. each row's last token).
 
         `head(hidden, lm_head)` replaces the output layer (the learner computes log-probs over
-        chunks of positions); it runs inside forward so FSDP has the weights gathered."""
-        h = self.hidden_states(input_ids, position_ids, use_cache=use_cache)
+        chunks of positions); it runs inside forward so FSDP has the weights gathered.
+        `attention(q, k, v, sliding, kv_cache)` replaces the packed-row attention (the learner's
+        context parallelism, rl/context_parallel.py)."""
+        h = self.hidden_states(input_ids, position_ids, use_cache=use_cache, attention=attention)
         if head is not None:
             return head(h, self.lm_head)
         if logits_index is not None:
@@ -292,7 +295,12 @@ class CWM(nn.Module):
         return self.lm_head(h)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *, use_cache=False
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        use_cache=False,
+        attention: Callable | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden]; the learner applies lm_head in chunks."""
         B, T = input_ids.shape
@@ -301,7 +309,9 @@ class CWM(nn.Module):
         if self.inv_freq.device != input_ids.device:
             self.inv_freq = self.inv_freq.to(input_ids.device)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
-        if use_cache:
+        if attention is not None:
+            attend = attention
+        elif use_cache:
             attend = CachedAttention(position_ids, self.config.sliding_window)
         else:
             attend = PackedAttention(

@@ -68,7 +68,7 @@ class RunConfig:
     group_size: int = 8  # G samples per task
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    num_learners: int = 1  # FSDP ranks
+    num_learners: int = 1  # FSDP ranks (learner.context_parallel_size of them share a row)
     learner_gpus: float = 0.0  # GPUs per learner rank
     learner_threads: int = 1  # torch threads per learner rank (CPU)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # rl/weights.py
@@ -203,6 +203,7 @@ RULES: dict[str, Rule] = {
     "learner.param_dtype": one_of("auto", "float32", "bfloat16"),
     "learner.logprob_chunk": ge(1, integer=True),
     "learner.backend": one_of("fsdp2", "deepspeed"),
+    "learner.context_parallel_size": ge(1, integer=True),
     "num_learners": ge(1, integer=True),
     "learner_gpus": ge(0),
     "learner_threads": ge(1, integer=True),
@@ -288,6 +289,17 @@ def _check(cfg: RunConfig) -> None:
         problem = RULES[key](_value(cfg, key))
         if problem:
             raise ConfigError(f"key '{key}' {problem}, got {_value(cfg, key)!r}")
+    cp = cfg.learner.context_parallel_size
+    if cfg.num_learners % cp:
+        raise ConfigError(
+            f"key 'learner.context_parallel_size' is {cp}, which does not divide "
+            f"num_learners={cfg.num_learners} (each context-parallel group is {cp} learner ranks)"
+        )
+    if cp > 1 and cfg.learner.backend != "fsdp2":
+        raise ConfigError(
+            f"key 'learner.context_parallel_size' is {cp} but learner.backend is "
+            f"{cfg.learner.backend!r}: context parallelism is implemented for fsdp2 only"
+        )
     if cfg.mode == "async" and cfg.max_lag < 1:
         raise ConfigError("key 'max_lag' must be >= 1 in async mode (0 is sync mode)")
     r, learner = cfg.rollout, cfg.learner

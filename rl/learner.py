@@ -5,6 +5,10 @@ attention across trajectories), takes micro-batches round-robin, and accumulates
 whose normaliser is fixed for the whole batch, so the update does not depend on how the batch is
 split over micro-batches or ranks. Then gradient clipping, AdamW and the LR schedule.
 
+With `context_parallel_size` n > 1, ranks r*n .. r*n + n-1 form a context-parallel group: they take
+the same micro-batches (data parallelism is over world_size / n groups), each runs one chunk of the
+row, and all compute the row's loss from the gathered log-probs (rl/context_parallel.py).
+
 `start_learners` runs N of these as Ray actors; one process (world_size 1, no FSDP) works too."""
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from model.hf import (
 from model.loader import ModelSpec, build_model, load_tokenizer
 from rl import checkpoint as ckpt
 from rl import grpo
+from rl.context_parallel import ContextParallelAttention, gather_chunks, split_micro_batch
 from rl.engines.native import truncation_mask
 from rl.packing import MicroBatch, build_micro_batch, pack
 from rl.parallelize import parallelize
@@ -65,6 +70,9 @@ class LearnerConfig:
     param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     logprob_chunk: int = 1024  # positions per lm_head chunk
     backend: str = "fsdp2"  # fsdp2 | deepspeed
+    # ranks that split one packed row between them (fsdp2; divides num_learners): each holds
+    # 1/n of a micro_batch_tokens row (rl/context_parallel.py); data parallelism is over the rest
+    context_parallel_size: int = 1
 
     @property
     def logprob_temperature(self) -> float:
@@ -102,6 +110,7 @@ def token_logprobs(
     positions: torch.Tensor | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    attention: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each position's target token and the entropy of its distribution, both [T].
     The distribution is the sampler's: logits / `temperature`, truncated to the `top_k` most
@@ -116,7 +125,9 @@ def token_logprobs(
 
     lm_head and the softmax run over chunks of `chunk` positions; with more than one chunk and
     gradients on, each chunk is recomputed in the backward pass (checkpointing), so the [T, V]
-    logits are never held whole. One chunk is not recomputed: its recompute would hold as much."""
+    logits are never held whole. One chunk is not recomputed: its recompute would hold as much.
+
+    `attention` replaces the model's packed-row attention (context parallelism)."""
     targets = mb.target_ids[0]
 
     def head_chunk(h: torch.Tensor, t: torch.Tensor, lm_head: torch.nn.Linear):
@@ -159,7 +170,41 @@ def token_logprobs(
         scatter = lambda x: x.new_zeros(T).index_copy(0, positions, x)  # noqa: E731
         return scatter(lp), scatter(ent)
 
-    return model(mb.input_ids, mb.position_ids, head=head)
+    extra = {} if attention is None else {"attention": attention}
+    return model(mb.input_ids, mb.position_ids, head=head, **extra)
+
+
+def trained_positions(mb: MicroBatch) -> torch.Tensor:
+    """The positions whose token the policy sampled (the loss reads only those), or position 0
+    (masked out) when there are none, so the backward reaches every parameter on every rank."""
+    trained = mb.loss_mask[0].nonzero()[:, 0]
+    return trained if trained.numel() else trained.new_zeros(1)
+
+
+def context_parallel_logprobs(
+    model: torch.nn.Module,
+    mb: MicroBatch,
+    group: Any,
+    window: int | None,
+    temperature: float,
+    chunk: int,
+    trained_only: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` of a whole packed row on every rank of the context-parallel `group`:
+    each rank runs its chunk of the row (`trained_only`: the output layer only at its sampled
+    positions), then the chunks' results are gathered, [T] each. Every rank of the group must
+    compute the same loss from them (see rl.context_parallel.gather_chunks)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    part, positions = split_micro_batch(mb, rank, size)
+    attention = ContextParallelAttention(positions, window, group)
+    lp, entropy = token_logprobs(
+        model, part, temperature, chunk, trained_positions(part) if trained_only else None,
+        top_k=top_k, top_p=top_p, attention=attention,
+    )  # fmt: skip
+    T = mb.num_tokens
+    return gather_chunks(lp, group)[:T], gather_chunks(entropy.detach(), group)[:T]
 
 
 class Learner:
@@ -167,6 +212,8 @@ class Learner:
 
     weight_group: WeightGroup | None = None  # weight_sync.method=collective, rank 0
     _weight_store: Any = None
+    cp_size: int = 1  # context parallelism: ranks per group that split one row
+    cp_group: Any = None  # this rank's group (None without context parallelism)
 
     def __init__(
         self,
@@ -204,6 +251,8 @@ class Learner:
                 int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
             )
         self.device = torch.device("cuda" if cuda else "cpu")
+        if config.context_parallel_size > 1:
+            self._init_context_parallel(config.context_parallel_size)
         model = build_model(self.model_spec, device=self.device)
         self.model_config: CWMConfig = model.config
         self.model = parallelize(
@@ -224,7 +273,45 @@ class Learner:
             self.ref_model = parallelize(ref, fsdp=self.use_fsdp, param_dtype=pdtype)
         self.step = 0
 
+    def _init_context_parallel(self, size: int) -> None:
+        """Groups of `size` consecutive ranks (every rank creates every group, as new_group asks)."""
+        if self.world_size % size:
+            raise ValueError(
+                f"learner.context_parallel_size {size} does not divide the {self.world_size} ranks"
+            )
+        groups = [
+            dist.new_group(list(range(g * size, (g + 1) * size)))
+            for g in range(self.world_size // size)
+        ]
+        self.cp_size, self.cp_group = size, groups[self.rank // size]
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel group this rank belongs to (its context-parallel group's index)."""
+        return self.rank // self.cp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp_size
+
     # -- forward helpers -------------------------------------------------------------------------
+
+    def _logprobs(self, model, mb: MicroBatch, trained_only: bool = False):
+        """Log-probs and entropies [T] of a micro-batch's row (`trained_only`: the output layer
+        runs only at the sampled positions, the rest are 0), split over the CP group if any."""
+        cfg = self.config
+        args = (cfg.logprob_temperature, cfg.logprob_chunk)
+        if self.cp_group is not None:
+            window = self.model_config.sliding_window
+            return context_parallel_logprobs(
+                model, mb, self.cp_group, window, *args, trained_only, **cfg.truncation
+            )
+        trained = trained_positions(mb) if trained_only else None
+        return token_logprobs(model, mb, *args, trained, **cfg.truncation)
 
     def _micro_batches(self, trajectories, advantages=None) -> list[MicroBatch]:
         tokens = [t.tokens for t in trajectories]
@@ -240,13 +327,7 @@ class Learner:
         first token, which nothing predicts)."""
         out: list[list[float]] = [[0.0] * len(t.tokens) for t in trajectories]
         for mb in self._micro_batches(trajectories):
-            lp, _ = token_logprobs(
-                self.model,
-                mb.to(self.device),
-                self.config.logprob_temperature,
-                self.config.logprob_chunk,
-                **self.config.truncation,
-            )
+            lp, _ = self._logprobs(self.model, mb.to(self.device))
             lp, seq = lp.cpu().tolist(), mb.seq_index[0].tolist()
             offsets = {}
             for t, i in enumerate(seq):
@@ -290,10 +371,11 @@ class Learner:
         mbs = self._micro_batches(trajs, batch.advantages)
         # fixed for the whole batch, so the update does not depend on the micro-batch split
         normaliser = grpo.loss_normaliser([t.loss_mask for t in trajs], cfg.loss)
-        mine = mbs[self.rank :: self.world_size]
+        # the ranks of a context-parallel group share their micro-batches
+        mine = mbs[self.dp_rank :: self.dp_size]
         # every rank runs the same number of forward/backward passes (FSDP collectives); a rank
         # short of work repeats a micro-batch with weight 0
-        rounds = max(1, math.ceil(len(mbs) / self.world_size))
+        rounds = max(1, math.ceil(len(mbs) / self.dp_size))
         self.model.train()
         stats = grpo.MetricSums()
         t0 = time.perf_counter()
@@ -303,28 +385,19 @@ class Learner:
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(r == rounds - 1)
             # the loss reads only the sampled positions: the output layer runs only there
-            # (at least one, masked out, so the backward reaches every parameter on every rank)
-            trained = mb.loss_mask[0].nonzero()[:, 0]
-            if trained.numel() == 0:
-                trained = trained.new_zeros(1)
             if self.ref_model is not None:
                 with torch.no_grad():
-                    mb.ref_logprobs = token_logprobs(
-                        self.ref_model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained,
-                        **cfg.truncation,
-                    )[0][None]  # fmt: skip
-            lp, entropy = token_logprobs(
-                self.model, mb, cfg.logprob_temperature, cfg.logprob_chunk, trained,
-                **cfg.truncation,
-            )  # fmt: skip
+                    mb.ref_logprobs = self._logprobs(self.ref_model, mb, trained_only=True)[0][None]
+            lp, entropy = self._logprobs(self.model, mb, trained_only=True)
             # one optimizer step per batch: the learner's pre-step log-probs are these (for TIS)
             mb.old_logprobs = lp.detach()[None]
             loss, parts = grpo.packed_policy_loss(
                 lp, mb, cfg.loss, normaliser, entropy=entropy.detach()
             )
             # FSDP averages gradients over ranks; the loss is a sum over the batch, so undo it
+            # (a context-parallel group's ranks hold parts of one gradient: the sum is the whole)
             self._backward(loss * weight * self.world_size)
-            if weight:
+            if weight and self.cp_rank == 0:  # the group's ranks compute the same loss
                 stats.add(parts)
         t1 = time.perf_counter()
         grad_norm = self._optimizer_step()

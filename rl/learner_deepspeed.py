@@ -79,6 +79,8 @@ class DeepSpeedLearner(Learner):
             raise ValueError(
                 f"DeepSpeedLearner needs learner.backend=deepspeed, got {config.backend!r}"
             )
+        if config.context_parallel_size > 1:
+            raise ValueError("learner.context_parallel_size > 1 needs learner.backend=fsdp2")
         deepspeed = _import_deepspeed()
         self.config, self.model_spec = config, model
         self.rank, self.world_size = rank, world_size
