@@ -34,6 +34,8 @@ from rl.learner import Learner  # noqa: E402
 from rl.weights import (  # noqa: E402
     WeightGroup,
     bucket_plan,
+    from_arrays,
+    merge_buckets,
     plan_tensors,
     recv_weights,
     recv_weights_streaming,
@@ -119,6 +121,53 @@ def run(mode: str, layers: int, bucket_bytes: int) -> dict:
         "receiver_extra": results[1][0],
         "seconds": max(results[0][1], results[1][1]),
     }
+
+
+class _Publisher:
+    """The learner's object-store side (the real `Learner.publish_weights`) on a plain model."""
+
+    streams_weights, rank, step = True, 0, 0
+    iter_hf_weights = Learner.iter_hf_weights
+    publish_weights = Learner.publish_weights
+
+    def __init__(self, layers: int):
+        self.model = build(layers, torch.float32)
+        self.model_config = self.model.config
+
+
+class _Fetcher:
+    """A rollout worker's object-store side: fetch every bucket, then load the update at once."""
+
+    def __init__(self, layers: int):
+        self.engine = NativeEngine(build(layers, ROLLOUT_DTYPE), prepack=False)
+
+    def receive(self, refs: list) -> int:
+        import ray
+
+        arrays = ray.get(refs)
+        self.engine.update_weights(merge_buckets([from_arrays(a) for a in arrays]), version=1)
+        return self.engine.version
+
+
+def sync_object_store(layers: int, bucket_bytes: int) -> float:
+    """Seconds of one object-store update (publish, fetch, load) between two Ray actors."""
+    import ray
+
+    from rl.orchestrator import init_ray
+
+    if not ray.is_initialized():
+        init_ray(num_cpus=2)
+    publisher = ray.remote(num_cpus=0)(_Publisher).remote(layers)
+    fetcher = ray.remote(num_cpus=0)(_Fetcher).remote(layers)
+    try:
+        ray.get([publisher.__ray_ready__.remote(), fetcher.__ray_ready__.remote()])
+        t0 = time.monotonic()
+        _, refs = ray.get(publisher.publish_weights.remote(bucket_bytes, "bfloat16"))
+        assert ray.get(fetcher.receive.remote(refs)) == 1
+        return time.monotonic() - t0
+    finally:
+        ray.kill(publisher)
+        ray.kill(fetcher)
 
 
 def main() -> None:

@@ -167,7 +167,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_lines(
-    out: Path, lines: list[dict], *, title: str, ylabel: str, size=(7, 4), legend_size=None
+    out: Path,
+    lines: list[dict],
+    *,
+    title: str,
+    ylabel: str,
+    size=(7, 4),
+    legend_size=None,
+    xlabel: str = "step",
 ) -> Path:
     """One PNG of curves over steps: each line a dict with "x", "y", optional "label", "fmt"
     (a matplotlib format string) and style keys (color, alpha, linewidth). Used by a run's
@@ -183,7 +190,7 @@ def plot_lines(
         style = {k: v for k, v in line.items() if k not in ("x", "y", "fmt")}
         ax.plot(line["x"], line["y"], line.get("fmt", "-"), **style)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
