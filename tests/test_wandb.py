@@ -93,6 +93,7 @@ def tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
 # -- a run -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~70 s on 2 busy cores
 def test_an_offline_run_logs_what_the_run_log_holds(ray_local, tmp_path, monkeypatch):
     require_wandb()
     from rl.orchestrator import Orchestrator
@@ -208,6 +209,28 @@ def test_wandb_listens_on_no_network_address_and_leaves_no_process(tmp_path, mon
     assert _network_sockets(service) == []
     log.close()
     assert wandb_processes() == set(), "a wandb process outlived the run"
+
+
+def test_a_failed_run_is_marked_failed_on_wandb(tmp_path):
+    """The run-log layer alone: rows and the reward curve, then a close after an exception."""
+    require_wandb()
+    from rl.runlog import RunLog
+
+    log = RunLog(tmp_path / "run", tensorboard=False)
+    log.wandb = wandb_log.WandbLog(
+        wandb_log.WandbConfig(project="x", mode="offline"), log.dir, {"steps": 2}, {}
+    )
+    log.metrics(1, {"reward/mean": 0.25, "health/error": "text", "train/kl": math.nan})
+    log.metrics(2, {"reward/mean": 0.5})
+    log.plot_rewards()
+    log.close(failed=True)
+    (wandb_file,) = (log.dir / "wandb").glob("offline-run-*/*.wandb")
+    records = wandb_records(wandb_file)
+    history = history_rows(records)
+    assert [history[s]["reward/mean"] for s in (1, 2)] == [0.25, 0.5]
+    assert "health/error" not in history[1] and "train/kl" not in history[1]  # as TensorBoard
+    assert history[2]["reward_curve"]["_type"] == "image-file"
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
 
 
 # -- the config ------------------------------------------------------------------------------------
