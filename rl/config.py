@@ -23,11 +23,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from envs import registry
 from model.loader import ModelSpec
-from rl import grpo
+from rl import grpo, wandb_log
 from rl.health import FailuresConfig
 from rl.learner import LearnerConfig
 from rl.rollout import DEFAULT_EPISODE_TIMEOUT_S, RolloutConfig
 from rl.schema import ConfigError, build
+from rl.wandb_log import WandbConfig
 from rl.weights import WeightSyncConfig
 
 
@@ -51,6 +52,13 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0: only at the end)
     keep: int = 2  # newest checkpoints kept
     export_hf: bool = True  # write an HF export of the final policy
+
+
+@dataclass
+class LoggingConfig:
+    # metrics, reward curve, config and provenance to Weights & Biases (rl/wandb_log.py);
+    # None: no W&B. metrics.jsonl and TensorBoard are always written (rl/runlog.py)
+    wandb: WandbConfig | None = None
 
 
 @dataclass
@@ -82,6 +90,7 @@ class RunConfig:
     max_worker_restarts: int = 10  # rollout workers restarted after a crash before giving up
     failures: FailuresConfig = field(default_factory=FailuresConfig)  # rl/health.py
     progress: bool = True  # a progress bar on stderr
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # sync mode: a step whose train/logprob_diff_max (|sampler - learner| log-prob of a trained
     # token, same policy version) exceeds this stops the run: sampler and learner disagree.
     # None: 1e-2 when both compute in fp32, 1.0 when either is bf16 (rl/orchestrator.py); 0: off
@@ -227,28 +236,45 @@ RULES: dict[str, Rule] = {
     "failures.patience": ge(1, integer=True),
     "failures.count_timeouts": ANY,
     "progress": ANY,
+    "logging.wandb.project": text(r"[^/\\#?%:]{1,128}", "a W&B project name"),
+    "logging.wandb.entity": optional(text()),
+    "logging.wandb.mode": one_of("online", "offline", "disabled"),
     "max_logprob_diff": optional(ge(0)),
 }
 
 
 def leaf_keys(cls: type = None, prefix: str = "") -> list[str]:
-    """Dotted keys of every leaf field of the RunConfig dataclass tree (envs excluded: each env
-    validates its own section)."""
+    """Dotted keys of every leaf field of the RunConfig dataclass tree, optional sections' too
+    (envs excluded: each env validates its own section)."""
     cls = cls or RunConfig
     hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
         if prefix == "" and f.name == "envs":
             continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        section = _section(hints[f.name])
+        if section is not None:
+            keys += leaf_keys(section, f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
     return keys
 
 
+def _section(hint: Any) -> type | None:
+    """The dataclass of a section field, `X` or `X | None`; None for a leaf."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+UNSET = object()  # the value of a key inside an optional section left out (logging.wandb: None)
+
+
 def _value(cfg: Any, key: str) -> Any:
     for part in key.split("."):
+        if cfg is None:
+            return UNSET
         cfg = getattr(cfg, part)
     return cfg
 
@@ -286,9 +312,16 @@ def _episode_seconds(name: str, section: EnvSection) -> float | None:
 def _check(cfg: RunConfig) -> None:
     """Every leaf against its rule, then the cross-field checks; each error names its key."""
     for key in leaf_keys():
-        problem = RULES[key](_value(cfg, key))
+        value = _value(cfg, key)
+        problem = None if value is UNSET else RULES[key](value)
         if problem:
-            raise ConfigError(f"key '{key}' {problem}, got {_value(cfg, key)!r}")
+            raise ConfigError(f"key '{key}' {problem}, got {value!r}")
+    wandb = cfg.logging.wandb
+    if wandb is not None and wandb.mode != "disabled" and not wandb_log.installed():
+        raise ConfigError(
+            f"key 'logging.wandb' is set (mode {wandb.mode}) but the wandb package is not "
+            f"installed: {wandb_log.INSTALL_HINT}; or remove logging.wandb"
+        )
     cp = cfg.learner.context_parallel_size
     if cfg.num_learners % cp:
         raise ConfigError(
@@ -428,6 +461,11 @@ def _read_overrides(overrides: list[str]) -> DictConfig:
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (what config.yaml holds)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def from_yaml_file(path: str | os.PathLike) -> RunConfig:

@@ -32,13 +32,14 @@ from envs.base import Task
 from model.loader import load_tokenizer
 from rl import checkpoint as ckpt
 from rl.buffer import Buffer, Group
-from rl.config import RunConfig, to_yaml
+from rl.config import RunConfig, to_dict, to_yaml
 from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
 from rl.learner import start_learners
 from rl.rollout import DEFAULT_EPISODE_TIMEOUT_S
 from rl.runlog import RunLog, eval_table, provenance
 from rl.tasks import TaskSource, derive_seed
 from rl.types import Job, Trajectory
+from rl.wandb_log import WandbLog
 from rl.weight_sync import WeightSync
 from rl.workers import WorkerPool
 
@@ -125,8 +126,12 @@ class Orchestrator:
 
     def start(self, learners: bool = True) -> None:
         cfg = self.cfg
+        run_provenance = provenance(REPO)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
-        (self.dir / "provenance.json").write_text(json.dumps(provenance(REPO), indent=2))
+        (self.dir / "provenance.json").write_text(json.dumps(run_provenance, indent=2))
+        wandb_cfg = cfg.logging.wandb
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":  # the run log's mirror on W&B
+            self.log.wandb = WandbLog(wandb_cfg, self.dir, to_dict(cfg), run_provenance)
         if learners:
             self.start_learners()
         self.pool.start()
@@ -142,12 +147,12 @@ class Orchestrator:
             num_threads=cfg.learner_threads,
         )
 
-    def stop(self) -> None:
+    def stop(self, failed: bool = False) -> None:
         self.pool.stop()
         for a in self.learners:
             ray.kill(a)
         self.learners = []
-        self.log.close()
+        self.log.close(failed)
 
     # the actors, where the pool and the weight sync keep them
     @property
@@ -217,8 +222,9 @@ class Orchestrator:
         """Train for cfg.steps (continuing from the newest checkpoint when `resume`), evaluate
         before and after, export the policy, write the run's outputs; returns the summary."""
         cfg = self.cfg
-        self.start()
+        failed = True  # until the summary is written: the W&B run is marked failed otherwise
         try:
+            self.start()
             if resume and self.restore():
                 before = json.loads((self.dir / "eval_before.json").read_text())
             else:
@@ -239,9 +245,11 @@ class Orchestrator:
             if cfg.checkpoint.export_hf:
                 ray.get([a.export_hf.remote(str(self.dir / "hf")) for a in self.learners])
             after = self.evaluate(tag="after")
-            return self.finish(before, after, train_s)
+            summary = self.finish(before, after, train_s)
+            failed = False
+            return summary
         finally:
-            self.stop()
+            self.stop(failed)
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """What a run writes to its directory (runs/NAME/): config.yaml, provenance.json, metrics.jsonl,
 TensorBoard events, samples.jsonl, trained.jsonl, trajectories.jsonl (save_trajectories),
-reward_curve.png and eval.json / eval.md."""
+reward_curve.png and eval.json / eval.md; with logging.wandb, the same metrics and image to
+Weights & Biases (rl/wandb_log.py, files under wandb/)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rl.wandb_log import WandbLog
 
 PACKAGES = (
     "torch",
@@ -69,16 +73,22 @@ class RunLog:
                 self.writer = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
                 self.writer = None
+        self.wandb: WandbLog | None = None  # set when the run starts, if logging.wandb is
 
     def metrics(self, step: int, values: dict[str, Any]) -> None:
+        """A row of metrics.jsonl; its finite numbers to TensorBoard (and W&B) at `step`."""
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {
+            k: v for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
+        }
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.metrics(step, scalars)
 
     def samples(self, step: int, rows: list[dict]) -> None:
         with open(self.dir / "samples.jsonl", "a") as f:
@@ -144,13 +154,20 @@ class RunLog:
                     {"x": [p[0] for p in pts], "y": [p[1] for p in pts], "fmt": "o--",
                      "label": f"held-out pass@1 ({ev['env']})"}
                 )  # fmt: skip
-        return plot_lines(
+        path = plot_lines(
             self.dir / "reward_curve.png", lines, title=self.dir.name, ylabel="reward"
         )
+        if self.wandb is not None:
+            self.wandb.image(max(r["step"] for r in rows), "reward_curve", path)
+        return path
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close TensorBoard's writer and end the W&B run (marked failed when the run raised)."""
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close(failed)
+            self.wandb = None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -159,6 +159,12 @@ def test_every_config_key_has_a_value_rule():
         ("envs.math.config.prompt=essay", "envs.math.config.prompt"),
         ("envs.math.config=3", "envs.math.config"),
         ("envs.maths.weight=1", "envs.maths"),
+        ("logging.wandb.mode=cloud", "logging.wandb.mode"),
+        ("logging.wandb.mode=true", "logging.wandb.mode"),
+        ("logging.wandb.projet=x", "logging.wandb.projet"),
+        ("logging.wandb.project=a/b", "logging.wandb.project"),
+        ("logging.wandb.project=", "logging.wandb.project"),
+        ("logging.tensorboard=false", "logging.tensorboard"),
     ],
 )
 def test_config_mistakes_are_named_before_anything_starts(override, key):
