@@ -34,7 +34,7 @@ from model.hf import (
 )
 from model.loader import ModelSpec, build_model, load_tokenizer
 from rl import checkpoint as ckpt
-from rl import grpo
+from rl import grpo, net
 from rl.context_parallel import ContextParallelAttention, gather_chunks, split_micro_batch
 from rl.engines.native import truncation_mask
 from rl.packing import MicroBatch, build_micro_batch, pack
@@ -240,11 +240,11 @@ class Learner:
         # keeps fp32 master weights); plain fp32 on one rank needs no process group
         self.use_fsdp = world_size > 1 or pdtype is not None
         if self.use_fsdp and not dist.is_initialized():
-            dist.init_process_group(
+            net.init_process_group(
                 "nccl" if cuda else "gloo",
-                init_method=init_method or (_free_tcp_address() if world_size == 1 else "env://"),
-                rank=rank,
-                world_size=world_size,
+                init_method or (_free_tcp_address() if world_size == 1 else "env://"),
+                rank,
+                world_size,
             )
         if cuda:
             torch.cuda.set_device(

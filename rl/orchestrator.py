@@ -31,6 +31,7 @@ from envs import registry
 from envs.base import Task
 from model.loader import load_tokenizer
 from rl import checkpoint as ckpt
+from rl import net
 from rl.buffer import Buffer, Group
 from rl.config import RunConfig, to_dict, to_yaml
 from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
@@ -44,23 +45,41 @@ from rl.weight_sync import WeightSync
 from rl.workers import WorkerPool
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray's environment for every run. RAY_AUTH_MODE is the user's: unset, a new local instance
+# uses token authentication (Ray's default), and a cluster asks for the token it was started
+# with. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a node's address loopback (Ray reads it when
+# `ray` is imported: init_ray also sets what it governs).
 RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster of a `ray job submit` (RAY_ADDRESS), or start a local one."""
+def local_ray_options() -> dict:
+    """ray.init arguments (and process environment) for a Ray instance of this machine alone:
+    every Ray server (GCS, raylet, workers, agents) listens on 127.0.0.1, and so do the
+    torch.distributed groups the run forms (rl/net.py). Ray turns a node address of 127.0.0.1
+    into the machine's routable one unless clusters are off, which it reads at import: so the
+    flag is set on the imported constant too."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    net.use_loopback_gloo()
+    return {"address": "local", "_node_ip_address": net.LOOPBACK, "include_dashboard": False}
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster of a `ray job submit` (RAY_ADDRESS), or start a local one that listens
+    on loopback only."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:  # a new instance of our own, never a `ray start` cluster found on this machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True, **local_ray_options())
 
 
 class LearnerFailure(RuntimeError):

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from model.hf import split_state_dict
+from rl.net import store_server
 
 
 @dataclass
@@ -180,14 +181,7 @@ class WeightGroup:
     def serve(world_size: int, timeout_s: float) -> tuple[Any, dict]:
         """Rank 0: a TCPStore on a free port; returns it and the address the others join."""
         host = host_address()
-        store = dist.TCPStore(
-            host,
-            0,
-            world_size,
-            is_master=True,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            wait_for_workers=False,
-        )
+        store = store_server(host, 0, world_size, timeout_s)  # listens on `host` only
         return store, {"host": host, "port": store.port, "world_size": world_size}
 
     @classmethod

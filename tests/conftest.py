@@ -8,6 +8,7 @@ failures, so a CI machine that should provide a capability cannot silently skip 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -56,18 +57,14 @@ def ray_local():
     """A local Ray instance shared by the tests that need actors (start-up ~6 s)."""
     import ray
 
-    for key, value in (
-        ("RAY_AUTH_MODE", "disabled"),
-        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-        ("RAY_USAGE_STATS_ENABLED", "0"),
-    ):
-        os.environ.setdefault(key, value)
+    from rl.orchestrator import local_ray_options
+
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,  # logical slots: actors here are light; two cores do the work
-            include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"CWM_RL_TEST_THREADS": "1"}},
+            **local_ray_options(),  # as a run's: loopback only, the user's RAY_AUTH_MODE
         )
     yield ray
     ray.shutdown()
@@ -91,12 +88,15 @@ def ray_head():
     killing that session: `ray stop` would stop every other Ray instance here. Every port is
     chosen free: a default one (the dashboard agent's 52365, the client server's 10001) may be
     held by another Ray instance on the machine, and the head then never accepts a job. Its
-    environment has no PYTHONPATH: jobs get packages only from their runtime environment.
-    Yields (dashboard address, environment for `ray` commands)."""
+    environment has no PYTHONPATH: jobs get packages only from their runtime environment. Token
+    authentication is on, with a token of its own (RAY_AUTH_TOKEN, as Ray documents): every
+    `ray` command and every job must present it.
+    Yields (dashboard address, environment for `ray` commands, holding the token)."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the jobs' `python` and `pip`
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
@@ -107,6 +107,7 @@ def ray_head():
     gcs, dashboard, *others = _free_ports(9)
     start = [
         ray, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
+        "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
         f"--temp-dir={temp_dir}",
         *(f"--{flag}={port}" for flag, port in zip(

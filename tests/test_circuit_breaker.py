@@ -185,8 +185,7 @@ def test_a_run_whose_podman_service_stops_halfway_stops_naming_the_cause(private
     ]  # fmt: skip
     config = tmp_path / "podman_stop.yaml"  # a file of its own: the default config adds math
     config.write_text(OmegaConf.to_yaml(OmegaConf.from_dotlist(overrides)))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.train", str(config), f"--run-dir={run_dir}", "--num-cpus=2"],

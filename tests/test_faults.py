@@ -137,7 +137,7 @@ def test_kill_9_of_the_driver_then_resume_loses_no_prompt(tmp_path, mode):
         "configs/smoke.yaml", "steps=6", "checkpoint.every=1", "progress=false",
         "checkpoint.export_hf=false", "eval.num_tasks=1", f"mode={mode}", "max_lag=1",
     ]  # fmt: skip
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     train = [sys.executable, "-m", "launch.train"]
 

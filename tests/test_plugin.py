@@ -49,6 +49,11 @@ def plugin(tmp_path_factory):
     return wheel, root / "site"
 
 
+def _auth(env: dict[str, str]) -> dict[str, str]:
+    """The head's authentication settings (its token), for the submitting side."""
+    return {k: v for k, v in env.items() if k.startswith("RAY_AUTH_")}
+
+
 def _env_with(site: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}", "CWM_RL_TEST_THREADS": "1"}
 
@@ -126,7 +131,7 @@ def test_sweep_job_mode_ships_the_plugin_to_the_workers(plugin, ray_head, tmp_pa
             sys.executable, "-m", "launch.sweep", str(sweep_file), "--address", address,
             "--output-dir", str(tmp_path / "sweeps"), "--poll-s", "2",
         ],
-        cwd=tmp_path, env={**_env_with(site), "RAY_AUTH_MODE": "disabled"},
+        cwd=tmp_path, env={**_env_with(site), **_auth(head_env)},
         capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     sweep_dir = tmp_path / "sweeps" / "plugin_job"
