@@ -481,11 +481,16 @@ def start_learners(
     num_cpus: float = 1,
     num_gpus: float = 0,
     num_threads: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> list[Any]:
-    """Start `world_size` Learner ranks as Ray actors joined in one process group."""
+    """Start `world_size` Learner ranks as Ray actors joined in one process group; `resources`
+    (custom Ray resources per rank) picks their node. The ranks meet at a loopback address (its
+    port found free on the driver's node), so they must share one node."""
     import ray
 
-    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(learner_class(config.backend))
+    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(
+        learner_class(config.backend)
+    )
     init = _free_tcp_address() if world_size > 1 else None
     threads = num_threads or max(1, int(num_cpus))
     learners = [

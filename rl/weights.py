@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import math
 import pickle
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,15 +170,20 @@ class WeightGroup:
 
     @staticmethod
     def serve(world_size: int, timeout_s: float) -> tuple[Any, dict]:
-        """Rank 0: a TCPStore on a free port; returns it and the address the others join."""
+        """Rank 0: a TCPStore on a free port of this node's address alone (left to bind its own
+        socket, a TCPStore listens on every interface); returns it and the address the others
+        join."""
         host = host_address()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, 0), family=family, backlog=128)
         store = dist.TCPStore(
             host,
-            0,
+            listener.getsockname()[1],
             world_size,
             is_master=True,
             timeout=datetime.timedelta(seconds=timeout_s),
             wait_for_workers=False,
+            master_listen_fd=listener.detach(),  # the store owns (and closes) it
         )
         return store, {"host": host, "port": store.port, "world_size": world_size}
 

@@ -169,3 +169,18 @@ def test_config_and_backend_choice():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="nccl needs CUDA"):
             WeightGroup.join({"host": "127.0.0.1", "port": 1, "world_size": 2}, 1, "nccl", 1.0)
+
+
+def test_the_weight_group_store_listens_on_the_node_address_alone():
+    """Left to bind its own socket, a TCPStore listens on every interface: serve hands it one
+    bound to the node's address (loopback without Ray)."""
+    import psutil  # installed with ray[default]
+
+    store, address = WeightGroup.serve(2, 10.0)
+    listening = [
+        c.laddr.ip
+        for c in psutil.Process().net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == address["port"]
+    ]
+    assert listening == [address["host"]]
+    del store
