@@ -72,6 +72,7 @@ def nodes():
     joins as a driver on the head. A local Ray instance of the session (ray_local) is shut down
     meanwhile and started again after."""
     import ray
+    from ray._private.utils import write_ray_address
     from ray.cluster_utils import Cluster
 
     # the nodes inherit this environment, and a job's `python` is the first on their PATH
@@ -95,7 +96,15 @@ def nodes():
         },
     )  # fmt: skip
     try:
-        rollout = [cluster.add_node(**NODE, resources={"rollout_node": 2}) for _ in range(2)]
+        # a job's driver finds its cluster through the head's temp dir (Cluster writes the file to
+        # /tmp/ray alone; without it the driver joins whichever Ray instance of this host it sees)
+        write_ray_address(cluster.address, temp_dir)
+        # a temp dir per node, as each has its disk: nodes sharing one would share the runtime
+        # environments' files (one node's set-up of a job's working dir deletes another's)
+        rollout = [
+            cluster.add_node(**NODE, resources={"rollout_node": 2}, temp_dir=f"{temp_dir}/{i}")
+            for i in (1, 2)
+        ]
         ray.init(
             address=cluster.address,
             _node_ip_address="127.0.0.1",
@@ -113,7 +122,7 @@ def nodes():
             init_local_ray()
 
 
-def actors_started(run) -> dict[str, list]:
+def actors_started(nodes: Nodes, run) -> dict[str, list]:
     """Run `run()`; returns the Learner and RolloutWorker actors started meanwhile (live or dead,
     as Ray's state API keeps them: their node ids)."""
     from ray.util.state import list_actors
@@ -122,7 +131,9 @@ def actors_started(run) -> dict[str, list]:
         return {
             a.actor_id: a
             for cls in ("Learner", "RolloutWorker")
-            for a in list_actors(filters=[("class_name", "=", cls)], limit=10_000)
+            for a in list_actors(
+                address=nodes.cluster.address, filters=[("class_name", "=", cls)], limit=10_000
+            )
         }
 
     before = listed()
@@ -140,7 +151,7 @@ def test_learner_and_workers_run_on_their_nodes(nodes, tmp_path, method):
     """The learner on the learner node, the workers on the rollout nodes; the weights cross
     nodes by gloo broadcast or the object store, and the run completes its steps."""
     cfg = load_config(None, [*RUN, f"weight_sync.method={method}"])
-    started = actors_started(lambda: Orchestrator(cfg, tmp_path / method).run())
+    started = actors_started(nodes, lambda: Orchestrator(cfg, tmp_path / method).run())
     assert [a.node_id for a in started["Learner"]] == [nodes.learner_node]
     workers = started["RolloutWorker"]
     assert len(workers) == 2 and {a.node_id for a in workers} <= nodes.rollout_nodes
@@ -206,7 +217,7 @@ def test_ray_job_submit_to_the_cluster(nodes, tmp_path):
                 return
             time.sleep(2)
 
-    started = actors_started(submit)
+    started = actors_started(nodes, submit)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout
     assert sum("train/loss" in r for r in rows(run_dir)) == 2
@@ -236,14 +247,16 @@ def test_a_rollout_node_killed_mid_run_loses_nothing(nodes, tmp_path):
         thread.start()
         wait_for(lambda: orch.step >= 1 or not thread.is_alive(), 300, "the first step")
         box["before"] = {w._actor_id.hex() for w in orch.workers}
-        victim_id = get_actor(orch.workers[0]._actor_id.hex()).node_id
+        victim_id = get_actor(
+            orch.workers[0]._actor_id.hex(), address=nodes.cluster.address
+        ).node_id
         (victim,) = [node for node in nodes.rollout if node.node_id == victim_id]
         nodes.cluster.remove_node(victim, allow_graceful=False)  # SIGKILL, raylet first
         box["victim"] = victim_id
         thread.join(300)
         assert not thread.is_alive()
 
-    started = actors_started(kill_a_rollout_node)
+    started = actors_started(nodes, kill_a_rollout_node)
     assert "error" not in box, box.get("error")
     steps = [r for r in rows(tmp_path / "kill") if "time/step_s" in r]
     assert len(steps) == 3 and all("train/loss" in r for r in steps)
