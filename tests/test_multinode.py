@@ -146,38 +146,59 @@ def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(x) for x in (run_dir / name).read_text().splitlines() if x.strip()]
 
 
+def run_in_thread(orch: Orchestrator) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["summary"] = orch.run()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
 @pytest.mark.parametrize("method", ["collective", "object_store"])
 def test_learner_and_workers_run_on_their_nodes(nodes, tmp_path, method):
     """The learner on the learner node, the workers on the rollout nodes; the weights cross
-    nodes by gloo broadcast or the object store, and the run completes its steps."""
+    nodes by gloo broadcast or the object store, and the run completes its steps. While it runs,
+    nothing listens beyond loopback: not the nodes' processes (GCS, raylets, agents, dashboard,
+    actors), not the driver, not the learner's weight-sync store."""
+    import psutil
+
     cfg = load_config(None, [*RUN, f"weight_sync.method={method}"])
-    started = actors_started(nodes, lambda: Orchestrator(cfg, tmp_path / method).run())
+    orch = Orchestrator(cfg, tmp_path / method)
+    seen: dict = {}
+
+    def run_and_look() -> None:
+        thread, box = run_in_thread(orch)
+        collective = method == "collective"
+        wait_for(
+            lambda: (
+                (orch.step >= 1 and (orch.weights.group_ready or not collective))
+                or not thread.is_alive()
+            ),
+            300,
+            "the first weight update",
+        )
+        # the nodes' processes are this one's children (Cluster starts them), the actors theirs
+        seen["pids"] = [os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))]
+        seen["exposed"] = non_loopback_listeners(seen["pids"])
+        seen["during_the_run"] = thread.is_alive()
+        thread.join(300)
+        assert not thread.is_alive() and "error" not in box, box.get("error")
+
+    started = actors_started(nodes, run_and_look)
     assert [a.node_id for a in started["Learner"]] == [nodes.learner_node]
     workers = started["RolloutWorker"]
     assert len(workers) == 2 and {a.node_id for a in workers} <= nodes.rollout_nodes
     steps = [r for r in rows(tmp_path / method) if "train/loss" in r]
     assert len(steps) == 2 and steps[-1]["policy_version"] == 2
     assert steps[-1]["faults/worker_restarts"] == 0
-
-
-def test_every_server_listens_on_loopback_alone(nodes, tmp_path):
-    """The nodes' processes (GCS, raylets, agents, dashboard, actors) and the driver listen on
-    loopback addresses only; so does the learner's weight-sync store (a collective group formed
-    across nodes)."""
-    import psutil
-
-    cfg = load_config(None, [*RUN, "weight_sync.method=collective"])
-    orch = Orchestrator(cfg, tmp_path / "listen")
-    orch.start()
-    try:
-        orch.sync_weights(1)
-        # the nodes' processes are this one's children (Cluster starts them), the actors theirs
-        pids = [os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))]
-        assert len(pids) > 10
-        exposed = non_loopback_listeners(pids)
-        assert not exposed, "\n".join(exposed)
-    finally:
-        orch.stop()
+    assert seen["during_the_run"] and len(seen["pids"]) > 10
+    assert not seen["exposed"], "\n".join(seen["exposed"])
 
 
 def test_actors_no_node_can_hold_fail_before_anything_starts(nodes, tmp_path):
@@ -236,25 +257,17 @@ def test_a_rollout_node_killed_mid_run_loses_nothing(nodes, tmp_path):
     orch = Orchestrator(cfg, tmp_path / "kill")
     box: dict = {}
 
-    def run() -> None:
-        try:
-            box["summary"] = orch.run()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
     def kill_a_rollout_node() -> None:
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+        thread, result = run_in_thread(orch)
         wait_for(lambda: orch.step >= 1 or not thread.is_alive(), 300, "the first step")
         box["before"] = {w._actor_id.hex() for w in orch.workers}
-        victim_id = get_actor(
-            orch.workers[0]._actor_id.hex(), address=nodes.cluster.address
-        ).node_id
-        (victim,) = [node for node in nodes.rollout if node.node_id == victim_id]
+        worker = orch.workers[0]._actor_id.hex()
+        box["victim"] = get_actor(worker, address=nodes.cluster.address).node_id
+        (victim,) = [node for node in nodes.rollout if node.node_id == box["victim"]]
         nodes.cluster.remove_node(victim, allow_graceful=False)  # SIGKILL, raylet first
-        box["victim"] = victim_id
         thread.join(300)
         assert not thread.is_alive()
+        box.update(result)
 
     started = actors_started(nodes, kill_a_rollout_node)
     assert "error" not in box, box.get("error")
