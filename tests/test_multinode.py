@@ -29,7 +29,7 @@ from conftest import free_ports, init_local_ray, non_loopback_listeners
 from rl_utils import TINY_RUN
 
 from rl.config import load_config
-from rl.orchestrator import Orchestrator
+from rl.orchestrator import Orchestrator, placement_problem
 from rl.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,6 +199,21 @@ def test_learner_and_workers_run_on_their_nodes(nodes, tmp_path, method):
     assert steps[-1]["faults/worker_restarts"] == 0
     assert seen["during_the_run"] and len(seen["pids"]) > 10
     assert not seen["exposed"], "\n".join(seen["exposed"])
+
+
+def test_placement_problems_name_the_key_and_what_the_nodes_offer():
+    learner = {"CPU": 2.0, "learner_node": 2.0, "node:127.0.0.1": 1.0, "memory": 1e9}
+    rollout = {"CPU": 2.0, "rollout_node": 2.0}
+    cfg = load_config(None, RUN)
+    assert placement_problem(cfg, [learner, rollout]) is None
+    problem = placement_problem(cfg, [rollout, rollout])
+    assert "key 'learner_resources'" in problem and "no node" in problem
+    assert "[{'rollout_node': 2.0}, {'rollout_node': 2.0}]" in problem  # custom ones alone
+    problem = placement_problem(
+        load_config(None, [*RUN, "rollout.num_workers=3"]), [learner, rollout]
+    )
+    assert "key 'rollout.resources'" in problem and "x3" in problem and "offers 2" in problem
+    assert placement_problem(load_config(None, TINY_RUN), []) is None  # nothing asked for
 
 
 def test_actors_no_node_can_hold_fail_before_anything_starts(nodes, tmp_path):
