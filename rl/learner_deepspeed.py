@@ -26,7 +26,7 @@ import torch.distributed as dist
 from model.hf import to_hf_state_dict
 from model.loader import ModelSpec, build_model
 from rl import checkpoint as ckpt
-from rl.learner import Learner, LearnerConfig, _free_tcp_address, lr_lambda
+from rl.learner import Learner, LearnerConfig, _free_tcp_address, lr_lambda, rendezvous
 from rl.parallelize import apply_activation_checkpointing
 
 
@@ -95,7 +95,8 @@ class DeepSpeedLearner(Learner):
             deepspeed.init_distributed(
                 "nccl" if cuda else "gloo",
                 auto_mpi_discovery=False,
-                init_method=init_method or ("env://" if world_size > 1 else _free_tcp_address()),
+                init_method=rendezvous(init_method, rank)
+                or ("env://" if world_size > 1 else _free_tcp_address()),
                 rank=rank,
                 world_size=world_size,
             )

@@ -262,6 +262,32 @@ def test_ray_job_submit_to_the_cluster(nodes, tmp_path):
     assert len(workers) == 2 and {a.node_id for a in workers} <= nodes.rollout_nodes
 
 
+def test_learner_ranks_on_two_nodes_train_as_one(nodes):
+    """Two FSDP ranks, one per rollout node (each asks for a node's whole rollout_node): rank 0
+    publishes an address on its node, rank 1 joins it from the other, and they take a step
+    together, the same as one process."""
+    import ray
+    from ray.util.state import get_actor
+    from test_learner import TINY, batch_from, config
+
+    from rl.learner import Learner, start_learners
+
+    cfg = config(micro_batch_tokens=40)
+    single = Learner(cfg, TINY)
+    batch = batch_from(single)
+    learners = start_learners(cfg, TINY, world_size=2, resources={"rollout_node": 2})
+    try:
+        where = [get_actor(a._actor_id.hex(), address=nodes.cluster.address) for a in learners]
+        metrics = ray.get([a.train_step.remote(batch) for a in learners])
+    finally:
+        ray.get([a.shutdown.remote() for a in learners])
+        for a in learners:
+            ray.kill(a)
+    assert {a.node_id for a in where} == nodes.rollout_nodes  # one rank on each
+    assert abs(metrics[0]["loss"] - single.train_step(batch)["loss"]) < 1e-6
+    assert metrics[0]["loss"] == metrics[1]["loss"]
+
+
 def test_a_rollout_node_killed_mid_run_loses_nothing(nodes, tmp_path):
     """A rollout node killed (SIGKILL to its raylet and agents) after the first step: its
     workers are replaced on the other rollout node, and every step trains on the groups it
