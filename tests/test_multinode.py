@@ -1,9 +1,10 @@
 """More than one node: a Ray cluster of three nodes on this machine (ray.cluster_utils.Cluster:
 a raylet, object store and agents per node; every server on 127.0.0.1), the learner on the head
 (it offers the custom resource `learner_node`) and the rollout workers on two rollout nodes
-(`rollout_node`), placed by the run config's `learner_resources` and `rollout.resources`. A run
-with each weight-sync method, a run through `ray job submit`, and a rollout node killed mid-run,
-whose workers come back on the other one.
+(`rollout_node`), placed by the run config's `learner_resources` and `rollout.resources`: a run
+with each weight-sync method (nothing listening beyond loopback meanwhile), a placement no node
+can hold named before anything starts, a run through `ray job submit`, two learner ranks on two
+nodes, and a rollout node killed mid-run, whose workers come back on the other one.
 
 Why not `ray start` processes: Ray binds its servers to loopback only when a node's address is
 127.0.0.1, and `ray start --address` then refuses to join a head (with
