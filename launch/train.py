@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LearnerFailure, InfrastructureFailure, SamplerMismatch) as e:
         print(f"run stopped: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # the cluster cannot place the actors (learner_resources, ...)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     print(f"done: {summary['steps']} steps in {summary['train_seconds']} s")
     return 0
 

@@ -79,6 +79,9 @@ class RunConfig:
     num_learners: int = 1  # FSDP ranks (learner.context_parallel_size of them share a row)
     learner_gpus: float = 0.0  # GPUs per learner rank
     learner_threads: int = 1  # torch threads per learner rank (CPU)
+    # custom Ray resources each learner rank needs, e.g. {learner_node: 1}: which node(s) of a
+    # multi-node cluster run the learner (rollout.resources places the workers); {}: any node
+    learner_resources: dict[str, float] = field(default_factory=dict)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # rl/weights.py
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -144,6 +147,25 @@ def text(pattern: str | None = None, what: str = "") -> Rule:
     return rule
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def ray_resources(x: Any) -> str | None:
+    """Custom Ray resources {name: amount}; CPUs and GPUs have keys of their own (one CPU per
+    actor; learner_gpus, rollout.gpus)."""
+    for name, amount in x.items():
+        if not str(name).strip():
+            return "names a resource with an empty name"
+        if name in RAY_BUILTIN_RESOURCES:
+            return (
+                f"names Ray's built-in resource {name!r}: GPUs are set by learner_gpus and "
+                f"rollout.gpus, CPUs are one per actor; name custom resources here"
+            )
+        if not (_number(amount) and amount >= 1e-4):  # Ray counts in units of 0.0001
+            return f"must map each resource to an amount >= 0.0001 ({name}: {amount!r})"
+    return None
+
+
 ANY = lambda x: None  # noqa: E731 - the type (checked by OmegaConf) is all there is to check
 SEED = lambda x: None if isinstance(x, int) and not isinstance(x, bool) else "must be an integer"  # noqa: E731
 
@@ -176,6 +198,7 @@ RULES: dict[str, Rule] = {
     "rollout.threads": ge(1, integer=True),
     "rollout.gpus": ge(0),
     "rollout.tensor_parallel_size": ge(1, integer=True),
+    "rollout.resources": ray_resources,
     "learner.optim.lr": gt(0),
     "learner.optim.betas": lambda x: (
         None
@@ -216,6 +239,7 @@ RULES: dict[str, Rule] = {
     "num_learners": ge(1, integer=True),
     "learner_gpus": ge(0),
     "learner_threads": ge(1, integer=True),
+    "learner_resources": ray_resources,
     "weight_sync.method": one_of("object_store", "collective"),
     "weight_sync.backend": one_of("auto", "gloo", "nccl"),
     "weight_sync.bucket_mb": gt(0),

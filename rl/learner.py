@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,13 @@ from rl.engines.native import truncation_mask
 from rl.packing import MicroBatch, build_micro_batch, pack
 from rl.parallelize import parallelize
 from rl.types import TrainBatch, Trajectory
-from rl.weights import WeightGroup, bucket_plan, send_weights_streaming, to_arrays
+from rl.weights import (
+    WeightGroup,
+    bucket_plan,
+    host_address,
+    send_weights_streaming,
+    to_arrays,
+)
 
 
 @dataclass
@@ -242,7 +249,8 @@ class Learner:
         if self.use_fsdp and not dist.is_initialized():
             net.init_process_group(
                 "nccl" if cuda else "gloo",
-                init_method or (_free_tcp_address() if world_size == 1 else "env://"),
+                rendezvous(init_method, rank)
+                or (_free_tcp_address() if world_size == 1 else "env://"),
                 rank,
                 world_size,
             )
@@ -606,6 +614,31 @@ def _free_tcp_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def rendezvous(init_method: str | None, rank: int, timeout_s: float = 600.0) -> str | None:
+    """Where the learner ranks meet. `kv:KEY` (start_learners): rank 0 takes a free port on its
+    own node's address and publishes tcp://ADDRESS:PORT under KEY in Ray's key-value store; the
+    other ranks wait for it, so the ranks may run on any nodes. Anything else is returned as is."""
+    if not init_method or not init_method.startswith("kv:"):
+        return init_method
+    from ray.experimental import internal_kv
+
+    key = init_method.removeprefix("kv:")
+    if rank == 0:
+        host = host_address()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.bind((host, 0))
+            address = f"tcp://{f'[{host}]' if ':' in host else host}:{s.getsockname()[1]}"
+        internal_kv._internal_kv_put(key, address.encode())
+        return address
+    deadline = time.monotonic() + timeout_s
+    while (address := internal_kv._internal_kv_get(key)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"learner rank {rank}: rank 0 published no address in {timeout_s} s")
+        time.sleep(0.1)
+    return address.decode()
+
+
 def start_learners(
     config: LearnerConfig,
     model: ModelSpec,
@@ -613,12 +646,17 @@ def start_learners(
     num_cpus: float = 1,
     num_gpus: float = 0,
     num_threads: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> list[Any]:
-    """Start `world_size` Learner ranks as Ray actors joined in one process group."""
+    """Start `world_size` Learner ranks as Ray actors joined in one process group; `resources`
+    (custom Ray resources per rank) picks their nodes. The ranks meet at an address rank 0 picks
+    on its node (`rendezvous`)."""
     import ray
 
-    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(learner_class(config.backend))
-    init = _free_tcp_address() if world_size > 1 else None
+    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(
+        learner_class(config.backend)
+    )
+    init = f"kv:cwm_rl/learner_rendezvous/{uuid.uuid4().hex}" if world_size > 1 else None
     threads = num_threads or max(1, int(num_cpus))
     learners = [
         actor.remote(

@@ -27,7 +27,7 @@ from model.hf import to_hf_state_dict
 from model.loader import ModelSpec, build_model
 from rl import checkpoint as ckpt
 from rl import net
-from rl.learner import Learner, LearnerConfig, _free_tcp_address, lr_lambda
+from rl.learner import Learner, LearnerConfig, _free_tcp_address, lr_lambda, rendezvous
 from rl.parallelize import apply_activation_checkpointing
 
 
@@ -97,16 +97,14 @@ class DeepSpeedLearner(Learner):
         if not dist.is_initialized():  # ZeRO needs a process group, even of one
             # our rendezvous first (its store listens only on the address asked for); DeepSpeed
             # then adopts the initialised group
-            net.init_process_group(
-                "nccl" if cuda else "gloo",
-                init_method or ("env://" if world_size > 1 else _free_tcp_address()),
-                rank,
-                world_size,
+            init_method = rendezvous(init_method, rank) or (
+                "env://" if world_size > 1 else _free_tcp_address()
             )
+            net.init_process_group("nccl" if cuda else "gloo", init_method, rank, world_size)
             deepspeed.init_distributed(
                 "nccl" if cuda else "gloo",
                 auto_mpi_discovery=False,
-                init_method=init_method or ("env://" if world_size > 1 else _free_tcp_address()),
+                init_method=init_method,
                 rank=rank,
                 world_size=world_size,
             )

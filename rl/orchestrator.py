@@ -33,11 +33,12 @@ from model.loader import load_tokenizer
 from rl import checkpoint as ckpt
 from rl import net
 from rl.buffer import Buffer, Group
-from rl.config import RunConfig, to_dict, to_yaml
+from rl.config import RAY_BUILTIN_RESOURCES, RunConfig, to_dict, to_yaml
 from rl.health import CircuitBreaker, InfrastructureFailure, outcomes
 from rl.learner import start_learners
 from rl.rollout import DEFAULT_EPISODE_TIMEOUT_S
 from rl.runlog import RunLog, eval_table, provenance
+from rl.schema import ConfigError
 from rl.tasks import TaskSource, derive_seed
 from rl.types import Job, Trajectory
 from rl.wandb_log import WandbLog
@@ -80,6 +81,37 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:  # a new instance of our own, never a `ray start` cluster found on this machine
         ray.init(num_cpus=num_cpus, log_to_driver=True, **local_ray_options())
+
+
+def placement_problem(cfg: RunConfig, nodes: list[dict[str, float]]) -> str | None:
+    """Why a cluster whose live nodes hold `nodes` (each node's total resources) cannot place the
+    run's actors by their custom resources (learner_resources, rollout.resources), or None.
+    Checked before any actor starts: Ray leaves an actor that no node can hold pending forever,
+    and the run would hang without a word."""
+    asks = [
+        ("learner_resources", cfg.learner_resources, cfg.num_learners, "learner rank"),
+        ("rollout.resources", cfg.rollout.resources, cfg.rollout.num_workers, "rollout worker"),
+    ]
+    offered = [
+        {k: v for k, v in node.items() if k not in RAY_BUILTIN_RESOURCES and ":" not in k}
+        for node in nodes
+    ]
+    for key, need, count, what in asks:
+        if need and not any(all(n.get(r, 0) >= a for r, a in need.items()) for n in nodes):
+            return (
+                f"key '{key}' asks for {dict(need)} per {what}, but no node of the cluster "
+                f"offers that; the nodes' custom resources: {offered}"
+            )
+        for r in need:
+            wanted = sum(c * want.get(r, 0) for _, want, c, _ in asks)
+            have = sum(n.get(r, 0) for n in nodes)
+            if wanted > have:
+                return (
+                    f"key '{key}' asks for {r}: {need[r]:g} per {what} (x{count}; "
+                    f"{wanted:g} with the other actors asking for it), but the cluster offers "
+                    f"{have:g} in all; the nodes' custom resources: {offered}"
+                )
+    return None
 
 
 class LearnerFailure(RuntimeError):
@@ -148,6 +180,9 @@ class Orchestrator:
         run_provenance = provenance(REPO)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
         (self.dir / "provenance.json").write_text(json.dumps(run_provenance, indent=2))
+        problem = placement_problem(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+        if problem:
+            raise ConfigError(problem)
         wandb_cfg = cfg.logging.wandb
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":  # the run log's mirror on W&B
             self.log.wandb = WandbLog(wandb_cfg, self.dir, to_dict(cfg), run_provenance)
@@ -164,6 +199,7 @@ class Orchestrator:
             num_cpus=1,
             num_gpus=cfg.learner_gpus,
             num_threads=cfg.learner_threads,
+            resources=dict(cfg.learner_resources),
         )
 
     def stop(self, failed: bool = False) -> None:

@@ -14,7 +14,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,6 +60,9 @@ class RolloutConfig:
     threads: int = 1  # torch threads of each worker process
     gpus: float = 0.0  # GPUs per worker (Ray resource); vllm needs >= tensor_parallel_size
     tensor_parallel_size: int = 1  # vllm: GPUs one engine shards the model over
+    # custom Ray resources each worker needs, e.g. {rollout_node: 1}: which nodes of a multi-node
+    # cluster run the workers (the nodes offer them: `ray start --resources`); {}: any node
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.engine not in ("native", "vllm"):

@@ -179,7 +179,9 @@ class WeightGroup:
 
     @staticmethod
     def serve(world_size: int, timeout_s: float) -> tuple[Any, dict]:
-        """Rank 0: a TCPStore on a free port; returns it and the address the others join."""
+        """Rank 0: a TCPStore on a free port of this node's address alone (left to bind its own
+        socket, a TCPStore listens on every interface); returns it and the address the others
+        join."""
         host = host_address()
         store = store_server(host, 0, world_size, timeout_s)  # listens on `host` only
         return store, {"host": host, "port": store.port, "world_size": world_size}

@@ -38,7 +38,9 @@ class WorkerPool:
     def _new(self, index: int):
         cfg = self.cfg
         env_cfgs = {name: dict(sec.config) for name, sec in cfg.envs.items()}
-        actor = ray.remote(num_cpus=1, num_gpus=cfg.rollout.gpus)(RolloutWorker)
+        actor = ray.remote(
+            num_cpus=1, num_gpus=cfg.rollout.gpus, resources=dict(cfg.rollout.resources) or None
+        )(RolloutWorker)
         return actor.remote(
             cfg.model, env_cfgs, cfg.rollout, index, deterministic=cfg.mode == "sync"
         )

@@ -52,25 +52,53 @@ def require(capability: str, available: bool, reason: str) -> None:
     pytest.skip(f"{capability} unavailable: {reason}")
 
 
+def init_local_ray() -> None:
+    """Start the local Ray instance the actor tests share (start-up ~6 s)."""
+    import ray
+
+    from rl.orchestrator import local_ray_options
+
+    ray.init(
+        num_cpus=4,  # logical slots: actors here are light; two cores do the work
+        log_to_driver=False,
+        runtime_env={"env_vars": {"CWM_RL_TEST_THREADS": "1"}},
+        **local_ray_options(),  # as a run's: loopback only, the user's RAY_AUTH_MODE
+    )
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray instance shared by the tests that need actors (start-up ~6 s)."""
     import ray
 
-    from rl.orchestrator import local_ray_options
-
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,  # logical slots: actors here are light; two cores do the work
-            log_to_driver=False,
-            runtime_env={"env_vars": {"CWM_RL_TEST_THREADS": "1"}},
-            **local_ray_options(),  # as a run's: loopback only, the user's RAY_AUTH_MODE
-        )
+        init_local_ray()
     yield ray
     ray.shutdown()
 
 
-def _free_ports(n: int) -> list[int]:
+def non_loopback_listeners(pids: list[int]) -> list[str]:
+    """The TCP sockets that processes `pids` listen on at an address other than loopback."""
+    import ipaddress
+
+    import psutil  # installed with ray[default]
+
+    found = []
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            conns, name = process.net_connections("tcp"), " ".join(process.cmdline()[:3])[-80:]
+        except psutil.Error:  # gone meanwhile
+            continue
+        for c in conns:
+            ip = ipaddress.ip_address(c.laddr.ip)
+            ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
+            if c.status == psutil.CONN_LISTEN and not ip.is_loopback:
+                found.append(f"{c.laddr.ip}:{c.laddr.port} ({name}, pid {pid})")
+    return found
+
+
+def free_ports(n: int) -> list[int]:
     """n TCP ports free on loopback right now (held together, so they differ)."""
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -104,7 +132,7 @@ def ray_head():
     env.pop("PYTHONPATH", None)
     temp_dir = tempfile.mkdtemp(prefix="cwmray-", dir="/tmp")  # socket paths must be short
     ray = str(BIN / "ray") if (BIN / "ray").exists() else shutil.which("ray")
-    gcs, dashboard, *others = _free_ports(9)
+    gcs, dashboard, *others = free_ports(9)
     start = [
         ray, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
         "--node-ip-address=127.0.0.1",

@@ -148,6 +148,13 @@ def test_every_config_key_has_a_value_rule():
         ("max_worker_restarts=-1", "max_worker_restarts"),
         ("max_logprob_diff=-1", "max_logprob_diff"),
         ("model.init_seed=-1", "model.init_seed"),
+        ("rollout.resources.GPU=1", "rollout.resources"),  # GPUs: rollout.gpus
+        ("rollout.resources.rollout_node=0", "rollout.resources"),
+        ("rollout.resources.rollout_node=0.00001", "rollout.resources"),  # Ray's unit: 0.0001
+        ("rollout.resources=3", "rollout.resources"),
+        ("learner_resources.CPU=2", "learner_resources"),
+        ("learner_resources.learner_node=-1", "learner_resources"),
+        ("learner_resources.learner_node=many", "learner_resources.learner_node"),
         ("name=../elsewhere", "name"),
         ("name=", "name"),
         ("output_dir=", "output_dir"),
@@ -199,3 +206,14 @@ def test_broken_config_files_name_the_file_or_key(tmp_path, text, message):
     assert str(path) in str(err.value) or "key '" in str(err.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path)  # a directory, not a file
+
+
+def test_placement_resources_default_to_any_node_and_take_custom_resources():
+    cfg = load_config(CONFIGS / "tiny_math.yaml")
+    assert cfg.learner_resources == {} and cfg.rollout.resources == {}  # Ray places them
+    cfg = load_config(
+        CONFIGS / "tiny_math.yaml",
+        ["learner_resources.learner_node=1", "rollout.resources.rollout_node=0.5"],
+    )
+    assert cfg.learner_resources == {"learner_node": 1.0}
+    assert cfg.rollout.resources == {"rollout_node": 0.5}

@@ -258,3 +258,18 @@ def test_a_stream_whose_tensors_do_not_follow_the_plan_is_refused():
     )
     assert isinstance(group_results[0], RuntimeError)
     assert "weight stream: expected" in str(group_results[0])
+
+
+def test_the_weight_group_store_listens_on_the_node_address_alone():
+    """Left to bind its own socket, a TCPStore listens on every interface: serve hands it one
+    bound to the node's address (loopback without Ray)."""
+    import psutil  # installed with ray[default]
+
+    store, address = WeightGroup.serve(2, 10.0)
+    listening = [
+        c.laddr.ip
+        for c in psutil.Process().net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == address["port"]
+    ]
+    assert listening == [address["host"]]
+    del store
