@@ -77,24 +77,82 @@ def ray_local():
     ray.shutdown()
 
 
-def non_loopback_listeners(pids: list[int]) -> list[str]:
-    """The TCP sockets that processes `pids` listen on at an address other than loopback."""
+def listening_sockets() -> dict[int, tuple[str, str, int]]:
+    """Socket inode -> (protocol, local address, port) of every TCP socket in LISTEN state and
+    every bound, unconnected UDP socket of this network namespace (/proc/net/tcp, tcp6, udp,
+    udp6; addresses there are little-endian 32-bit words)."""
     import ipaddress
 
-    import psutil  # installed with ray[default]
+    out = {}
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        path = Path(f"/proc/net/{proto}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state != ("0A" if proto.startswith("tcp") else "07"):
+                continue
+            host, port = local.split(":")
+            raw = bytes.fromhex(host)
+            address = ipaddress.ip_address(
+                b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            )
+            if address.version == 6 and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            out[inode] = (proto, str(address), int(port, 16))
+    return out
 
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds open (none if it is gone)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    except OSError:
+        pass
+    return inodes
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (/proc/PID/task/*/children)."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return pids
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return "?"
+
+
+def non_loopback_listeners(pids) -> list[str]:
+    """The listening TCP / bound UDP sockets of processes `pids` on an address other than
+    loopback, as text."""
+    import ipaddress
+
+    sockets = listening_sockets()
     found = []
     for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            conns, name = process.net_connections("tcp"), " ".join(process.cmdline()[:3])[-80:]
-        except psutil.Error:  # gone meanwhile
-            continue
-        for c in conns:
-            ip = ipaddress.ip_address(c.laddr.ip)
-            ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
-            if c.status == psutil.CONN_LISTEN and not ip.is_loopback:
-                found.append(f"{c.laddr.ip}:{c.laddr.port} ({name}, pid {pid})")
+        for inode in socket_inodes(pid):
+            if inode in sockets and not ipaddress.ip_address(sockets[inode][1]).is_loopback:
+                proto, address, port = sockets[inode]
+                found.append(f"{proto} {address}:{port} ({process_name(pid)[-80:]}, pid {pid})")
     return found
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from rl.engines.base import SamplingParams
@@ -85,3 +87,18 @@ TINY_RUN = [
     "eval.num_tasks=4",
     "progress=false",
 ]
+
+
+def run_in_thread(orch) -> tuple[threading.Thread, dict]:
+    """Start `orch.run()` (an Orchestrator) on a thread; the box gets its summary or its error."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["summary"] = orch.run()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box

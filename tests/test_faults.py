@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from rl_utils import TINY_RUN
+from rl_utils import TINY_RUN, run_in_thread
 
 from rl import checkpoint as ckpt
 from rl.config import load_config
@@ -30,20 +29,6 @@ def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
 def train_rows(run_dir: Path) -> list[dict]:
     keep = lambda k: not k.startswith(("time/", "throughput/", "faults/"))  # noqa: E731
     return [{k: v for k, v in r.items() if keep(k)} for r in rows(run_dir) if "train/loss" in r]
-
-
-def run_in_thread(orch: Orchestrator) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def target():
-        try:
-            box["summary"] = orch.run()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def wait_for(condition, timeout: float = 120.0) -> None:

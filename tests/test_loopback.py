@@ -15,71 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import listening_sockets, process_name, process_tree, socket_inodes
 
 REPO = Path(__file__).resolve().parents[1]
-TCP_LISTEN, UDP_UNCONNECTED = "0A", "07"
-
-
-def _address(hex_addr: str) -> str:
-    """A /proc/net address (little-endian 32-bit words) as text."""
-    raw = bytes.fromhex(hex_addr)
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    address = ipaddress.ip_address(words)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return str(address)
-
-
-def _sockets() -> dict[int, tuple[str, str, int]]:
-    """inode -> (protocol, local address, port) of every listening TCP / bound UDP socket."""
-    out = {}
-    for proto in ("tcp", "tcp6", "udp", "udp6"):
-        path = Path(f"/proc/net/{proto}")
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], int(fields[9])
-            if state == (TCP_LISTEN if proto.startswith("tcp") else UDP_UNCONNECTED):
-                host, port = local.split(":")
-                out[inode] = (proto, _address(host), int(port, 16))
-    return out
-
-
-def _tree(root: int) -> list[int]:
-    """root and all its descendants (through /proc/PID/task/*/children)."""
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return pids
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    except OSError:
-        pass
-    return inodes
-
-
-def _name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-    except OSError:
-        return "?"
 
 
 def test_a_local_run_listens_on_loopback_only(tmp_path):
@@ -100,11 +38,11 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     polls = 0
     try:
         while proc.poll() is None:
-            sockets = _sockets()
-            for pid in _tree(proc.pid):
-                for inode in _socket_inodes(pid):
+            sockets = listening_sockets()
+            for pid in process_tree(proc.pid):
+                for inode in socket_inodes(pid):
                     if inode in sockets:
-                        seen.setdefault(sockets[inode], _name(pid))
+                        seen.setdefault(sockets[inode], process_name(pid))
             polls += 1
             time.sleep(0.2)
         output = proc.stdout.read().decode(errors="replace")

@@ -21,13 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import free_ports, init_local_ray, non_loopback_listeners
-from rl_utils import TINY_RUN
+from rl_utils import TINY_RUN, run_in_thread
 
 from rl.config import load_config
 from rl.orchestrator import Orchestrator, placement_problem
@@ -154,20 +153,6 @@ def actors_started(nodes: Nodes, run) -> dict[str, list]:
 
 def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(x) for x in (run_dir / name).read_text().splitlines() if x.strip()]
-
-
-def run_in_thread(orch: Orchestrator) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["summary"] = orch.run()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
 
 
 @pytest.mark.parametrize("method", ["collective", "object_store"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require
+from conftest import non_loopback_listeners, require
 from rl_utils import TINY_RUN
 
 from rl import wandb_log
@@ -174,29 +174,6 @@ def wandb_processes() -> set[int]:
     return found
 
 
-def _network_sockets(pids: set[int]) -> list[str]:
-    """The TCP sockets listening and UDP sockets bound on a non-loopback address, of `pids`."""
-    inodes = set()
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    loopback = ("0100007F", "00000000000000000000000001000000")  # 127.0.0.1, ::1
-    found = []
-    for table in ("tcp", "tcp6", "udp", "udp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            address, state, inode = fields[1], fields[3], fields[9]
-            listening = state == "0A" if table.startswith("tcp") else True
-            if inode in inodes and listening and address.split(":")[0] not in loopback:
-                found.append(f"{table} {address}")
-    return found
-
-
 def test_wandb_listens_on_no_network_address_and_leaves_no_process(tmp_path, monkeypatch):
     require_wandb()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -206,7 +183,7 @@ def test_wandb_listens_on_no_network_address_and_leaves_no_process(tmp_path, mon
     log.metrics(1, {"reward/mean": 0.5})
     service = wandb_processes()
     assert service, "wandb started no service process"
-    assert _network_sockets(service) == []
+    assert non_loopback_listeners(service) == []
     log.close()
     assert wandb_processes() == set(), "a wandb process outlived the run"
 

@@ -158,20 +158,8 @@ class NativeEngine(Engine):
         """All of an update or nothing: every tensor is checked before any is copied; then, between
         two decode steps, the copies, the refresh of the packed weights and the new version."""
         items = list(weights.items() if isinstance(weights, Mapping) else weights)
-        params = dict(self.model.named_parameters())
-        targets = []
-        for hf, tensor in items:
-            name = native_name(hf)
-            if name is None:
-                continue
-            if name not in params:
-                raise KeyError(f"update_weights: unknown parameter {hf!r}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(
-                    f"update_weights: {hf!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(params[name].shape)}"
-                )
-            targets.append((params[name], tensor))
+        params = self._parameters([(hf, tuple(t.shape)) for hf, t in items])
+        targets = [(params[hf], t) for hf, t in items if hf in params]
         with self._step_lock:
             for param, tensor in targets:
                 param.copy_(tensor)
@@ -194,8 +182,22 @@ class NativeEngine(Engine):
         sampled on part of it. A transport that fails midway leaves the weights torn: the
         engine then samples nothing (requests wait) until a complete update arrives, and the
         error is raised."""
+        targets = {hf: p.view(-1) for hf, p in self._parameters(names_shapes).items()}
+        with self._step_lock:
+            self._intact.clear()
+            for bucket in buckets:
+                for hf, start, values in bucket:
+                    if hf in targets:
+                        targets[hf][start : start + values.numel()].copy_(values)
+            cpu_kernels.repack(self._packers)
+            self.version = version
+            self._intact.set()
+
+    def _parameters(self, names_shapes) -> dict[str, torch.nn.Parameter]:
+        """HF name -> the parameter it updates, every name and shape checked first (names HF
+        stores but the model has no parameter for, such as rotary inv_freq, are left out)."""
         params = dict(self.model.named_parameters())
-        targets = {}
+        out = {}
         for hf, shape in names_shapes:
             name = native_name(hf)
             if name is None:
@@ -207,16 +209,8 @@ class NativeEngine(Engine):
                     f"update_weights: {hf!r} has shape {tuple(shape)}, "
                     f"expected {tuple(params[name].shape)}"
                 )
-            targets[hf] = params[name].view(-1)
-        with self._step_lock:
-            self._intact.clear()
-            for bucket in buckets:
-                for hf, start, values in bucket:
-                    if hf in targets:
-                        targets[hf][start : start + values.numel()].copy_(values)
-            cpu_kernels.repack(self._packers)
-            self.version = version
-            self._intact.set()
+            out[hf] = params[name]
+        return out
 
     def pause(self) -> None:
         self._running.clear()
