@@ -41,7 +41,6 @@ N_HIDDEN = 4  # hidden test cases, each its own sandbox run (so reward "fraction
 MAX_CASE_DRAWS = 500
 
 Args = tuple
-Inputs = Callable[[random.Random], Args]
 
 
 @dataclass(frozen=True)
@@ -92,10 +91,6 @@ def _call_args(args: Args) -> str:
 # Input samplers
 
 
-def _int(lo: int, hi: int) -> Callable[[random.Random], int]:
-    return lambda rng: rng.randint(lo, hi)
-
-
 def _ints(rng: random.Random, lo: int = -10, hi: int = 30, max_len: int = 7) -> list[int]:
     return [rng.randint(lo, hi) for _ in range(rng.randint(0, max_len))]
 
@@ -110,8 +105,6 @@ def _sentence(rng: random.Random) -> str:
 
 SEPARATORS = ("-", ",", ";", ":", "+", "*", "/", "_", "|", ".", " ")
 WORDS = ("Fizz", "Buzz", "Bing", "Bong", "Zap", "Pop", "Ping", "Pong", "Tick", "Tock")
-
-
 COPRIME_PAIRS = [(a, b) for a in range(2, 10) for b in range(2, 10) if math.gcd(a, b) == 1]
 
 
