@@ -30,12 +30,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from envs.base import Task, hash_split
+from envs.base import Task, generated_split
 
 LEVELS = (1, 2, 3)
 DEFAULT_N_TRAIN = 2000
 DEFAULT_N_TEST = 200
-MAX_CONSECUTIVE_MISSES = 5000
 N_EXAMPLES = 2  # worked examples in the docstring (shown on purpose)
 N_HIDDEN = 4  # hidden test cases, each its own sandbox run (so reward "fraction" is graded)
 MAX_CASE_DRAWS = 500
@@ -274,6 +273,10 @@ def problem_key(template: Template, constants: dict) -> str:
     )
 
 
+def task_id(key: str) -> str:
+    return f"gen-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def reference_function(reference: str, entry_point: str) -> Callable:
     """The reference solution as a function (trusted code: the generator's own source)."""
     namespace: dict = {}
@@ -333,33 +336,30 @@ def generate_tasks(
     count (2000 train / 200 test), fewer if the levels hold fewer distinct problems; an explicit
     `n` that the levels cannot fill raises ValueError."""
     target = n if n is not None else (DEFAULT_N_TRAIN if split == "train" else DEFAULT_N_TEST)
-    rng = random.Random(f"cwm-rl-code:{seed}:{split}:{','.join(map(str, levels))}")
-    seen: set[str] = set()
-    tasks: list[Task] = []
-    misses = 0  # consecutive draws that gave nothing new: the space is (nearly) exhausted
-    while len(tasks) < target and misses < MAX_CONSECUTIVE_MISSES:
-        level = levels[len(tasks) % len(levels)]
+
+    def draw(rng: random.Random, level: int) -> tuple[str, Callable[[], dict]]:
         template = rng.choice(templates_of(level))
         constants = template.params(rng)
-        key = problem_key(template, constants)
-        if key in seen or hash_split(key, test_fraction) != split:
-            misses += 1
-            continue
-        misses = 0
-        seen.add(key)
-        problem = build_problem(template, constants)
-        payload = {
+        return problem_key(template, constants), lambda: payload(template, constants)
+
+    def payload(template: Template, constants: dict) -> dict:
+        problem = build_problem(template, constants)  # built only for a key that is kept
+        return {
             "problem": problem.stub,
             "tests": problem.tests(),
             "public_tests": [],
             "kind": "function",
             "prefix": problem.stub,  # the answer may be the body alone, as in HumanEval
             "reference": problem.reference,
-            "level": level,
-            "origin": key,
+            "level": problem.level,
+            "origin": problem.key,
         }
-        task_id = f"gen-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-        tasks.append(Task(id=task_id, env=env, payload=payload, split=split))
+
+    rng = random.Random(f"cwm-rl-code:{seed}:{split}:{','.join(map(str, levels))}")
+    problems = generated_split(
+        draw, split, target, levels=levels, rng=rng, test_fraction=test_fraction
+    )
+    tasks = [Task(id=task_id(key), env=env, payload=p, split=split) for key, p in problems]
     if n is not None and len(tasks) < n:
         raise ValueError(
             f"difficulty {levels} holds only {len(tasks)} distinct '{split}' problems "
