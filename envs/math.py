@@ -13,10 +13,19 @@ import asyncio
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from envs.base import Environment, Message, StepResult, Task, hash_split, require_config
+from envs.base import (
+    Environment,
+    Message,
+    StepResult,
+    Task,
+    generated_split,
+    hash_split,
+    require_config,
+)
 from envs.data import ColumnMapping, Example, load_examples, resolve_mapping
 from rewards.math import Verdict, judge
 
@@ -37,7 +46,6 @@ RETRY_FEEDBACK = "Your answer is incorrect. Please try again."
 LEVELS = (1, 2, 3, 4)
 DEFAULT_N_TRAIN = 2000
 DEFAULT_N_TEST = 200
-MAX_CONSECUTIVE_MISSES = 5000
 
 
 @dataclass
@@ -266,26 +274,25 @@ def generate_tasks(
     fewer if the levels hold fewer distinct problems; an explicit `n` that the levels cannot
     fill raises ValueError."""
     target = n if n is not None else (DEFAULT_N_TRAIN if split == "train" else DEFAULT_N_TEST)
-    rng = random.Random(f"cwm-rl-math:{seed}:{split}:{','.join(map(str, levels))}")
-    seen: set[str] = set()
-    tasks: list[Task] = []
-    misses = 0  # consecutive draws that gave nothing new: the space is (nearly) exhausted
-    while len(tasks) < target and misses < MAX_CONSECUTIVE_MISSES:
-        level = levels[len(tasks) % len(levels)]
+
+    def draw(rng: random.Random, level: int) -> tuple[str, Callable[[], dict]]:
         problem = generate_problem(rng, level)
-        key = f"L{level}/{problem.key}"
-        if key in seen or hash_split(key, test_fraction) != split:
-            misses += 1
-            continue
-        misses = 0
-        seen.add(key)
         payload = {
             "problem": problem.text,
             "answer": str(problem.answer),
             "level": level,
             "kind": problem.kind,
         }
-        tasks.append(Task(id=f"arith-{_digest(key)}", env=env, payload=payload, split=split))
+        return f"L{level}/{problem.key}", lambda: payload
+
+    rng = random.Random(f"cwm-rl-math:{seed}:{split}:{','.join(map(str, levels))}")
+    problems = generated_split(
+        draw, split, target, levels=levels, rng=rng, test_fraction=test_fraction
+    )
+    tasks = [
+        Task(id=f"arith-{_digest(key)}", env=env, payload=payload, split=split)
+        for key, payload in problems
+    ]
     if n is not None and len(tasks) < n:
         raise ValueError(
             f"difficulty {levels} holds only {len(tasks)} distinct '{split}' problems "

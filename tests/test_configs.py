@@ -15,7 +15,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize(
-    "name", ["tiny_math.yaml", "tiny_code.yaml", "tiny_swe.yaml", "smoke.yaml"]
+    "name",
+    ["tiny_math.yaml", "tiny_code.yaml", "tiny_multitask.yaml", "tiny_swe.yaml", "smoke.yaml"],
 )
 def test_small_configs_validate(name):
     cfg = load_config(CONFIGS / name)
