@@ -147,6 +147,11 @@ def test_sweep_job_mode_ships_the_plugin_to_the_workers(plugin, ray_head, tmp_pa
     assert "done: 2 steps" in (sweep_dir / "logs" / f"{name}.log").read_text()
     assert "shout pass@1 after" in (sweep_dir / "results.md").read_text()
     # the job really ran on the cluster: its dashboard lists it as succeeded
-    with urllib.request.urlopen(f"{address}/api/jobs/{entry['job_id']}", timeout=10) as r:
+    # (the head has token authentication on: the REST API too wants the token)
+    request = urllib.request.Request(
+        f"{address}/api/jobs/{entry['job_id']}",
+        headers={"Authorization": f"Bearer {head_env['RAY_AUTH_TOKEN']}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
         assert json.loads(r.read())["status"] == "SUCCEEDED"
     assert "PYTHONPATH" not in head_env
