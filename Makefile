@@ -27,7 +27,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m launch.train configs/tiny_math.yaml
+	$(BIN)/python -m launch.train configs/tiny_multitask.yaml
 
 # everything: the main suite in .venv, then the vLLM engine's tests in .venv-vllm (vLLM's CPU
 # backend pins its own torch/transformers). Both run even if the first fails; either failing fails.

@@ -1,7 +1,7 @@
 """Train: `python -m launch.train [CONFIG.yaml] [key=value ...]`, or continue a run with
 `python -m launch.train --resume RUN_DIR [key=value ...]`.
 
-With no config file, the embedded default (configs/tiny_math.yaml) runs. The whole config is
+With no config file, the embedded default (configs/tiny_multitask.yaml) runs. The whole config is
 validated before any actor starts. Under `ray job submit` the run joins that cluster."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from rl.config import load_config
 from rl.schema import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_math.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_multitask.yaml"
 
 
 def parse(argv: list[str]) -> tuple[str | None, list[str], argparse.Namespace]:
