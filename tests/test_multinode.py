@@ -309,10 +309,13 @@ def test_a_rollout_node_killed_mid_run_loses_nothing(nodes, tmp_path):
     assert "error" not in box, box.get("error")
     steps = [r for r in rows(tmp_path / "kill") if "time/step_s" in r]
     assert len(steps) == 3 and all("train/loss" in r for r in steps)
-    assert steps[-1]["faults/worker_restarts"] >= 1
+    # the run's own count (a death noticed after the last step's row, at the final sync or
+    # the evaluation, is not in that row)
+    restarts = orch.faults["worker_restarts"]
+    assert restarts >= 1
     trained = [g for r in rows(tmp_path / "kill", "trained.jsonl") for g in r["groups"]]
     assert [g.split("-")[0] for g in trained] == [f"g{i}" for i in range(3 * 2)]
     (survivor,) = nodes.rollout_nodes - {box["victim"]}
     replacements = [a for a in started["RolloutWorker"] if a.actor_id not in box["before"]]
-    assert len(replacements) == steps[-1]["faults/worker_restarts"]
+    assert len(replacements) == restarts
     assert {a.node_id for a in replacements} == {survivor}
