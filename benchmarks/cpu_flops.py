@@ -1,8 +1,7 @@
 """How far the demo is from this CPU's limit: the peak fp32 matmul FLOP/s of the machine, then the
 FLOP/s that the demo's two phases achieve, as fractions of it (the CPU counterpart of MFU).
 
-- peak: the best of square fp32 `torch.mm` at a few sizes with the demo's threads (2); bf16 is
-  printed beside it (on CPUs with AMX it is several times fp32, a hint of what bf16 could give).
+- peak: the best of square fp32 `torch.mm` at a few sizes with the demo's threads (2).
 - generation: the demo's rollout shape through the native engine (SmolLM2-135M, fp32, prepacked
   linears): `--groups` prompts of about the demo's prompt length, G samples each, `--new-tokens`
   sampled tokens, no stop. Useful FLOPs: 2 * matmul params per token (prefill and decode) plus
@@ -74,9 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     peak = peak_matmul(torch.float32)
-    peak_bf16 = peak_matmul(torch.bfloat16)
-    print(f"peak matmul, {args.threads} threads: fp32 {peak / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak_bf16 / 1e9:.1f} GFLOP/s")  # fmt: skip
+    print(f"peak fp32 matmul, {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     # generation, the demo's rollout shape
     spec = ModelSpec(path=args.model)
@@ -139,7 +136,6 @@ def main() -> None:
                 "benchmark": "cpu_flops",
                 "threads": args.threads,
                 "peak_fp32_gflops": round(peak / 1e9, 1),
-                "peak_bf16_gflops": round(peak_bf16 / 1e9, 1),
                 "generation_gflops": round(gen_flops / 1e9, 2),
                 "training_gflops": round(train_flops / 1e9, 2),
                 "fractions": {
