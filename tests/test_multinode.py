@@ -87,6 +87,11 @@ def nodes():
                                             "RAY_USAGE_STATS_ENABLED")}  # fmt: skip
     for key in saved:
         os.environ.setdefault(key, {"RAY_AUTH_MODE": "disabled"}.get(key, "0"))
+    # node addresses stay 127.0.0.1 (Ray reads the clusters flag at import: whether or not a
+    # local instance of the session set it before, as a run's local_ray_options does)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     temp_dir = tempfile.mkdtemp(prefix="cwmmn-", dir="/tmp")  # socket paths must be short
     dashboard, agent = free_ports(2)  # the defaults may be held by another Ray instance here
     cluster = Cluster(
