@@ -80,10 +80,13 @@ def hash_split(key: str, test_fraction: float = 0.1) -> str:
     return "test" if bucket < test_fraction else "train"
 
 
+GENERATED_DEFAULT_N = {"train": 2000, "test": 200}  # a generated source's count when n is None
+
+
 def generated_split(
     draw: Callable[[random.Random, int], tuple[str, Callable[[], dict]]],
     split: str,
-    n: int,
+    n: int | None,
     *,
     levels: list[int],
     rng: random.Random,
@@ -93,12 +96,15 @@ def generated_split(
     """Up to `n` distinct generated problems of one split, as (key, payload): `draw(rng, level)`
     gives a problem's key (its content) and a function that builds its payload; levels are
     cycled, a key seen before or of the other split (hash_split) is drawn again, and after
-    `max_misses` such draws in a row the space counts as exhausted. Every task generator splits
-    with this (envs/math.py arithmetic, envs/code_gen.py)."""
+    `max_misses` such draws in a row the space counts as exhausted. n=None takes up to
+    GENERATED_DEFAULT_N[split], fewer if the levels hold fewer; an explicit `n` the levels cannot
+    fill raises ValueError. Every task generator splits with this (envs/math.py arithmetic,
+    envs/code_gen.py)."""
+    target = GENERATED_DEFAULT_N[split] if n is None else n
     seen: set[str] = set()
     problems: list[tuple[str, dict]] = []
     misses = 0
-    while len(problems) < n and misses < max_misses:
+    while len(problems) < target and misses < max_misses:
         key, build = draw(rng, levels[len(problems) % len(levels)])
         if key in seen or hash_split(key, test_fraction) != split:
             misses += 1
@@ -106,6 +112,11 @@ def generated_split(
         misses = 0
         seen.add(key)
         problems.append((key, build()))
+    if n is not None and len(problems) < n:
+        raise ValueError(
+            f"difficulty {levels} holds only {len(problems)} distinct '{split}' problems "
+            f"(test_fraction {test_fraction}); asked for {n}"
+        )
     return problems
 
 

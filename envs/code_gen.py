@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from envs.base import Task, generated_split
 
 LEVELS = (1, 2, 3)
-DEFAULT_N_TRAIN = 2000
-DEFAULT_N_TEST = 200
 N_EXAMPLES = 2  # worked examples in the docstring (shown on purpose)
 N_HIDDEN = 4  # hidden test cases, each its own sandbox run (so reward "fraction" is graded)
 MAX_CASE_DRAWS = 500
@@ -335,7 +333,6 @@ def generate_tasks(
     code tasks; the same arguments always give the same tasks. n=None takes up to the default
     count (2000 train / 200 test), fewer if the levels hold fewer distinct problems; an explicit
     `n` that the levels cannot fill raises ValueError."""
-    target = n if n is not None else (DEFAULT_N_TRAIN if split == "train" else DEFAULT_N_TEST)
 
     def draw(rng: random.Random, level: int) -> tuple[str, Callable[[], dict]]:
         template = rng.choice(templates_of(level))
@@ -356,13 +353,6 @@ def generate_tasks(
         }
 
     rng = random.Random(f"cwm-rl-code:{seed}:{split}:{','.join(map(str, levels))}")
-    problems = generated_split(
-        draw, split, target, levels=levels, rng=rng, test_fraction=test_fraction
-    )
+    problems = generated_split(draw, split, n, levels=levels, rng=rng, test_fraction=test_fraction)
     tasks = [Task(id=task_id(key), env=env, payload=p, split=split) for key, p in problems]
-    if n is not None and len(tasks) < n:
-        raise ValueError(
-            f"difficulty {levels} holds only {len(tasks)} distinct '{split}' problems "
-            f"(test_fraction {test_fraction}); asked for {n}"
-        )
     return tasks
