@@ -8,20 +8,31 @@ of those), so rank r needs from its predecessors only the keys from
     lo_r = doc_start(r*C)                               on a full-attention layer,
     lo_r = max(doc_start(r*C), r*C - window + 1)        on a sliding-window layer,
 
-up to its own chunk: a suffix of rank r-1's chunk (and of earlier ranks' only when a document or
-the window reaches that far back). `kv_transfers` plans those suffixes; `ExchangeKV` moves them with
-point-to-point send/recv and sends their gradients back in backward. Attention then runs on the
-local queries over [received keys, local keys], one SDPA call per document of the chunk (as the
-single-rank `docs` backend), so the forward is the single-rank forward up to summation order.
+up to its own chunk, and only for the queries of the document its chunk begins in (a document that
+starts inside the chunk has all its keys there).
+
+Sliding layers (`ExchangeKV`): the window's keys, at most window - 1 of them, come point to point
+from the ranks that hold them (`kv_transfers` plans the suffixes), and attention runs over
+[received keys, local keys], one SDPA call per document of the chunk, as the single-rank `docs`
+backend.
+
+Full layers (`RingAttention`): the keys a document needs can be the whole row, so they stream. Each
+chunk's K/V is passed down a chain of ranks, r -> r+1 -> ..., as far as a later rank needs it (only
+the suffix the next rank needs moves); at each step a rank attends its first document's queries
+to the chunk it holds while the next one is in transit, and merges the partial results by their
+log-sum-exp (the flash-attention / ring-attention merge), so a rank never holds more than two
+received chunks, however long the document. Backward passes the chunks down the chain again,
+recomputes each block's gradients from the saved output and log-sum-exp, and sends the gradients
+of a chunk's keys and values straight back to its owner. The blocks run in fused kernels (on CPU,
+ATen's flash attention, which returns the log-sum-exp; elsewhere exact math in query tiles).
 
 The log-probs of the chunks are gathered (`gather_chunks`) so every rank of the group computes the
 same, whole-row loss; its backward keeps this rank's slice, so the parameter gradients of the group's
-ranks add up to the single-rank gradient (the learner's FSDP reduction sums them).
+ranks add up to the single-rank gradient (the learner's FSDP reduction sums them). The forward is
+the single-rank forward up to summation order.
 
-Not a streaming ring: a rank holds all the keys it needs at once (with one document spanning the
-row, a full-attention layer on rank r receives r chunks of K/V, as an all-gather would). A ring that
-rotates K/V chunks and merges partial softmaxes by log-sum-exp would bound that by two chunks;
-sliding layers never need more than window - 1 keys per rank.
+Not load balanced: with causal attention, a rank late in a long document attends to more keys than
+an early one (zigzag chunking, two chunks per rank from both ends, would even it out).
 The model never imports this module: the learner passes `ContextParallelAttention` to
 `CWM.forward(attention=...)`.
 """
@@ -34,7 +45,6 @@ from itertools import accumulate
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from model.cwm import document_ids
 from rl.packing import MicroBatch
@@ -151,14 +161,15 @@ def _wait(ops: list) -> None:
 class ContextParallelAttention:
     """The attention callable of `CWM.forward(attention=...)` on one rank of a CP group: causal
     attention within documents (+ sliding window) of this rank's queries over its own keys and the
-    ones `kv_transfers` brings. `position_ids` is the whole padded row's [B, n*C].
+    earlier ranks' keys they reach. `position_ids` is the whole padded row's [B, n*C].
 
-    As model.cwm.PackedAttention's `docs` backend, one SDPA call per document of the chunk, so work
-    and memory grow with the documents' lengths, not the row's: a document that starts in the chunk
-    is plain causal (a sliding layer masks it only when longer than the window); the one the chunk
-    starts in also sees its earlier keys, the received ones: causal aligned to the last key
-    (`causal_lower_right`, no mask held) on a full layer, a [queries, queries + window - 1] mask on
-    a sliding one. `received` counts the key positions received per layer kind (tests, logs)."""
+    Sliding layers: the window's keys through `ExchangeKV`, then, as model.cwm.PackedAttention's
+    `docs` backend, one SDPA call per document of the chunk (work and memory grow with the
+    documents' lengths, not the row's): a document that starts in the chunk is plain causal (masked
+    only when longer than the window); the one the chunk starts in also sees the received keys,
+    through a [queries, queries + window - 1] mask. Full layers: `RingAttention`.
+    `received` counts the key positions received per layer kind, `held` the most received key
+    positions a full layer held at once (tests, logs)."""
 
     def __init__(self, position_ids: torch.Tensor, window: int | None, group):
         self.group = group
@@ -180,7 +191,9 @@ class ContextParallelAttention:
             self.segments.append(list(zip(lengths, starts)))
         self._plans: dict[bool, tuple[list[Transfer], int]] = {}
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.ring = Ring(key_starts(position_ids, self.cp_size, None), C, self.rank, group)
         self.received = {False: 0, True: 0}
+        self.held = 0
 
     def plan(self, sliding: bool) -> tuple[list[Transfer], int]:
         """The transfers of a layer kind and the global index of this rank's first key."""
@@ -200,27 +213,28 @@ class ContextParallelAttention:
         return self._masks[n, num_keys]
 
     def __call__(self, q, k, v, sliding: bool, kv_cache=None):
+        if not sliding:
+            out = RingAttention.apply(q, k, v, self.ring, self.segments)
+            self.received[False] += self.ring.received
+            self.held = max(self.held, self.ring.held)
+            return out
         transfers, lo = self.plan(sliding)
         k_all, v_all = ExchangeKV.apply(k, v, transfers, self.group)  # keys [lo, chunk end)
-        self.received[sliding] += k_all.shape[2] - k.shape[2]
+        self.received[True] += k_all.shape[2] - k.shape[2]
         gqa = q.shape[1] != k.shape[1]
         rows = []
         for b, segments in enumerate(self.segments):
             outs, start = [], 0  # start: the segment's first query, local
             for n, doc_start in segments:
                 end = self.offset + start + n  # global, exclusive
-                first = doc_start  # global index of the first key any of these queries sees
-                if sliding:
-                    first = max(first, self.offset + start - self.window + 1)
+                # global index of the first key any of these queries sees
+                first = max(doc_start, self.offset + start - self.window + 1)
                 qd = q[b : b + 1, :, start : start + n]
                 kd, vd = (t[b : b + 1, :, first - lo : end - lo] for t in (k_all, v_all))
                 num_keys = end - first
-                if sliding and (num_keys > n or n > self.window):
+                mask = None
+                if num_keys > n or n > self.window:
                     mask = self._window_mask(n, num_keys, q.device)
-                elif num_keys > n:
-                    mask = causal_lower_right(n, num_keys)
-                else:
-                    mask = None
                 o = F.scaled_dot_product_attention(
                     qd, kd, vd, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
                 )
@@ -228,6 +242,252 @@ class ContextParallelAttention:
                 start += n
             rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+# -- full-attention layers: the ring --------------------------------------------------------------
+
+
+def block_attention(q, k, v, causal: bool, fused: bool = True):
+    """Softmax attention of q [B, H, n, D] over k, v [B, H, m, D] (causal: aligned at the first
+    key, n == m) and each query's log-sum-exp of scores, [B, H, n] (fp32; fp64 for fp64 input).
+    Fused on CPU (ATen's flash kernel returns the log-sum-exp); elsewhere, or `fused=False`, exact
+    math in tiles of queries (scores of one tile held at a time)."""
+    if fused and q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc)
+    for i, s in _tiles(q, k, causal, acc):
+        lse[..., i : i + s.shape[-2]] = s.logsumexp(-1)
+        p = (s - lse[..., i : i + s.shape[-2], None]).exp()
+        out[..., i : i + s.shape[-2], :] = (p @ v.to(acc)).to(q.dtype)
+    return out, lse
+
+
+def block_attention_backward(dout, q, k, v, out, lse, causal: bool, fused: bool = True):
+    """The gradients (dq, dk, dv) of one block of a softmax attention whose whole output `out` and
+    log-sum-exp `lse` (over every block) are given: summed over the blocks, those of the whole."""
+    if fused and q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal
+        )
+    acc = lse.dtype
+    scale = q.shape[-1] ** -0.5
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # D_i = sum_j P_ij dP_ij = dO_i . O_i
+    dq = torch.zeros_like(q, dtype=acc)
+    dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+    for i, s in _tiles(q, k, causal, acc):
+        rows = slice(i, i + s.shape[-2])
+        p = (s - lse[..., rows, None]).exp()
+        do = dout[..., rows, :].to(acc)
+        dv += p.transpose(-1, -2) @ do
+        ds = p * (do @ v.to(acc).transpose(-1, -2) - delta[..., rows, None])
+        dq[..., rows, :] = ds @ k.to(acc) * scale
+        dk += ds.transpose(-1, -2) @ q[..., rows, :].to(acc) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _tiles(q, k, causal: bool, acc, tile: int = 512):
+    """(first query, scaled scores [B, H, tile, m] with the causal mask applied) per query tile."""
+    scale = q.shape[-1] ** -0.5
+    keys = torch.arange(k.shape[-2], device=q.device)
+    for i in range(0, q.shape[-2], tile):
+        s = q[..., i : i + tile, :].to(acc) @ k.to(acc).transpose(-1, -2) * scale
+        if causal:
+            queries = torch.arange(i, i + s.shape[-2], device=q.device)
+            s = s.masked_fill(keys[None, :] > queries[:, None], float("-inf"))
+        yield i, s
+
+
+def repeat_kv_heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: key/value heads repeated to the query heads (the fused kernels want them equal)."""
+    return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
+def sum_kv_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gradient of `repeat_kv_heads`: the repeated heads' gradients summed."""
+    B, H, L, D = grad.shape
+    return grad if H == kv_heads else grad.view(B, kv_heads, H // kv_heads, L, D).sum(2)
+
+
+class Ring:
+    """The chain a full layer's chunks travel along, from every rank's first key (`lo`, global
+    indices, `key_starts` with no window). Rank `dst` needs chunk `src` when src < dst and the
+    chunk reaches lo[dst]; it holds the chunk's suffix from `start(dst, src)`. The ranks that need
+    a chunk are the ones right after its owner (lo never decreases), so the chunk moves one rank
+    per step and is dropped by the last rank that needs it; `steps` is the longest such path."""
+
+    def __init__(self, lo: list[int], chunk: int, rank: int, group):
+        self.lo, self.C, self.rank, self.group = lo, chunk, rank, group
+        self.n = len(lo)
+        self.steps = max([dst - src for dst in range(self.n) for src in range(dst)
+                          if self.needs(dst, src)], default=0)  # fmt: skip
+        self.received = self.held = 0  # key positions received / held at once, last forward
+
+    def needs(self, dst: int, src: int) -> bool:
+        return 0 <= src < dst < self.n and self.lo[dst] < (src + 1) * self.C
+
+    def start(self, dst: int, src: int) -> int:
+        """The first position of chunk `src` that rank `dst` holds (its own: all of it)."""
+        return 0 if dst == src else max(self.lo[dst], src * self.C) - src * self.C
+
+    def _peer(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank)
+
+    def pass_on(self, s: int, held: torch.Tensor | None):
+        """Step s of the chain: send the held chunk r+1-s to rank r+1 (the suffix it needs) and
+        receive chunk r-s from rank r-1; returns (the posted works, the receive buffer or None)."""
+        r, ops, buf = self.rank, [], None
+        if self.needs(r + 1, r + 1 - s):
+            cut = self.start(r + 1, r + 1 - s) - self.start(r, r + 1 - s)
+            ops.append(dist.P2POp(dist.isend, held[..., cut:, :].contiguous(), self._peer(r + 1)))
+        if self.needs(r, r - s):
+            length = self.C - self.start(r, r - s)
+            buf = held.new_empty((*held.shape[:-2], length, held.shape[-1]))
+            ops.append(dist.P2POp(dist.irecv, buf, self._peer(r - 1)))
+        return (dist.batch_isend_irecv(ops) if ops else []), buf
+
+    def return_grads(self, s: int, grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """Send the gradient of chunk r-s's held suffix to its owner, and receive (and return,
+        padded to this rank's chunk at its offset) what rank r+s computed for this chunk's keys."""
+        r, ops, got = self.rank, [], None
+        if grad is not None:
+            ops.append(dist.P2POp(dist.isend, grad.contiguous(), self._peer(r - s)))
+        if self.needs(r + s, r):
+            shape = (*like.shape[:-2], self.C - self.start(r + s, r), like.shape[-1])
+            got = like.new_empty(shape, dtype=torch.promote_types(like.dtype, torch.float32))
+            ops.append(dist.P2POp(dist.irecv, got, self._peer(r + s)))
+        _wait(ops)
+        return got
+
+
+class RingAttention(torch.autograd.Function):
+    """Full causal attention within documents over a CP group: q [B, H, C, D], k, v [B, Hkv, C, D]
+    of this rank's chunk -> [B, H, C, D]. `segments` as ContextParallelAttention's: per row, the
+    documents of the chunk (length, global start); only the first can reach earlier chunks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring: Ring, segments):
+        H, acc = q.shape[1], torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc)
+        for b, start, n in _documents(segments):  # each document over its own keys
+            o, l_ = block_attention(*_block(q, k, v, b, start, n, H), causal=True)
+            out[b : b + 1, :, start : start + n], lse[b : b + 1, :, start : start + n] = o, l_
+        # the first document of a row, where it began on an earlier rank: merged block by block
+        firsts = _firsts(segments, ring)
+        merged = {b: (out[b : b + 1, :, :n].to(acc), lse[b : b + 1, :, :n]) for b, n, _ in firsts}
+
+        def attend(kv: torch.Tensor, src: int) -> None:
+            held_from = src * ring.C + ring.start(ring.rank, src)  # global index of kv's first key
+            for b, n, doc_start in firsts:
+                first = max(doc_start, src * ring.C) - held_from
+                if first >= kv.shape[-2]:
+                    continue
+                kb, vb = (repeat_kv_heads(t[b : b + 1, :, first:], H) for t in kv)
+                o, l_ = block_attention(q[b : b + 1, :, :n], kb, vb, causal=False)
+                o_acc, l_acc = merged[b]
+                lse_new = torch.logaddexp(l_acc, l_)
+                o_acc = o_acc * (l_acc - lse_new).exp()[..., None]
+                merged[b] = o_acc + o.to(acc) * (l_ - lse_new).exp()[..., None], lse_new
+
+        ring.received, ring.held = _stream(ring, torch.stack([k, v]), attend)
+        for b, n, _ in firsts:
+            o_acc, l_acc = merged[b]
+            out[b : b + 1, :, :n], lse[b : b + 1, :, :n] = o_acc.to(q.dtype), l_acc
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.segments = ring, segments
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, segments = ctx.ring, ctx.segments
+        H, Hkv = q.shape[1], k.shape[1]
+        dout = dout.contiguous()
+        acc = lse.dtype
+        dq = torch.zeros_like(q, dtype=acc)
+        dkv = torch.zeros_like(torch.stack([k, v]), dtype=acc)
+        for b, start, n in _documents(segments):
+            rows = (slice(b, b + 1), slice(None), slice(start, start + n))
+            dq_b, dk_b, dv_b = block_attention_backward(
+                dout[rows], *_block(q, k, v, b, start, n, H), out[rows], lse[rows],
+                causal=True,
+            )  # fmt: skip
+            dq[rows] += dq_b
+            dkv[(0, *rows)] += sum_kv_heads(dk_b, Hkv)
+            dkv[(1, *rows)] += sum_kv_heads(dv_b, Hkv)
+        firsts = _firsts(segments, ring)
+
+        def attend(kv: torch.Tensor, src: int) -> torch.Tensor:
+            """The block's dq, and the gradient of the held keys and values (returned)."""
+            held_from = src * ring.C + ring.start(ring.rank, src)
+            grad = torch.zeros_like(kv, dtype=acc)
+            for b, n, doc_start in firsts:
+                first = max(doc_start, src * ring.C) - held_from
+                if first >= kv.shape[-2]:
+                    continue
+                rows = (slice(b, b + 1), slice(None), slice(0, n))
+                kb, vb = (repeat_kv_heads(t[b : b + 1, :, first:], H) for t in kv)
+                dq_b, dk_b, dv_b = block_attention_backward(
+                    dout[rows], q[rows], kb, vb, out[rows], lse[rows], causal=False
+                )
+                dq[rows] += dq_b
+                grad[0, b : b + 1, :, first:] += sum_kv_heads(dk_b, Hkv)
+                grad[1, b : b + 1, :, first:] += sum_kv_heads(dv_b, Hkv)
+            return grad
+
+        def returned(s: int, got: torch.Tensor | None) -> None:
+            if got is not None:
+                dkv[..., ring.start(ring.rank + s, ring.rank) :, :] += got
+
+        _stream(ring, torch.stack([k, v]), attend, returned)
+        dkv = dkv.to(k.dtype)
+        return dq.to(q.dtype), dkv[0], dkv[1], None, None
+
+
+def _stream(ring: Ring, own: torch.Tensor, attend, returned=None) -> tuple[int, int]:
+    """Run `attend(kv, src)` on every earlier chunk this rank needs, each as it arrives down the
+    chain, the next one in transit meanwhile. In backward (`returned` given), `attend` returns the
+    gradient of the chunk it held, which goes back to the chunk's owner, and `returned(s, grad)`
+    takes what came back for this rank's own chunk from rank r+s. Returns the key positions
+    received and the most held at once (the chunk attended to and the one in transit)."""
+    r, held, received, peak = ring.rank, own, 0, 0
+    for s in range(1, ring.steps + 2):
+        works, buf = ring.pass_on(s, held) if s <= ring.steps else ([], None)
+        attending = held is not own and held is not None
+        grad = attend(held, r - s + 1) if attending else None
+        peak = max(
+            peak, (held.shape[-2] if attending else 0) + (0 if buf is None else buf.shape[-2])
+        )
+        for work in works:
+            work.wait()
+        if returned is not None and s > 1:
+            returned(s - 1, ring.return_grads(s - 1, grad, own))
+        received += 0 if buf is None else buf.shape[-2]
+        held = buf
+    return received, peak
+
+
+def _documents(segments):
+    """(row, first local query, length) of every document of the chunk."""
+    for b, segs in enumerate(segments):
+        start = 0
+        for n, _ in segs:
+            yield b, start, n
+            start += n
+
+
+def _firsts(segments, ring: Ring) -> list[tuple[int, int, int]]:
+    """(row, length, global start) of each row's first document, where it began before this
+    chunk (only those queries attend to earlier chunks)."""
+    offset = ring.rank * ring.C
+    return [(b, segs[0][0], segs[0][1]) for b, segs in enumerate(segments) if segs[0][1] < offset]
+
+
+def _block(q, k, v, b, start, n, heads):
+    """Row b's queries, keys and values [start, start + n), the keys' heads repeated to the
+    queries'."""
+    span = (slice(b, b + 1), slice(None), slice(start, start + n))
+    return q[span], repeat_kv_heads(k[span], heads), repeat_kv_heads(v[span], heads)
 
 
 class _GatherChunks(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """Context parallelism (rl/context_parallel.py): one packed row split over 2 and 4 gloo ranks gives
 the single-rank log-probs, GRPO loss and parameter gradients (summed over the group); sliding
-layers move only the keys their window reaches; the config key is checked against num_learners.
+layers move only the keys their window reaches; full layers stream earlier chunks down the ring,
+holding at most two at once; the config key is checked against num_learners.
 
 The row: a tiny CWM with the 3:1 pattern (layers full, sliding, sliding, sliding), a window of 4,
 and four documents of 3, 24, 4 and 8 tokens (39, padded to 40): on 4 ranks (chunks of 10) the
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from model.cwm import CWM, CWMConfig
 from model.loader import ModelSpec
@@ -25,9 +27,13 @@ from rl.config import load_config
 from rl.context_parallel import (
     ContextParallelAttention,
     Transfer,
+    block_attention,
+    block_attention_backward,
     kv_transfers,
     pad_positions,
+    repeat_kv_heads,
     split_micro_batch,
+    sum_kv_heads,
 )
 from rl.learner import (
     Learner,
@@ -89,13 +95,20 @@ def loss_and_grads(model, mb, lp, loss_config):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-def received_keys(model, mb, group) -> dict[bool, int]:
-    """Key positions one forward receives, summed over layers: {sliding?: count}."""
+def received_keys(model, mb, group) -> tuple[dict[bool, int], int, torch.Tensor]:
+    """Key positions one forward receives, summed over layers ({sliding?: count}), the most a
+    full layer held at once, and this rank's chunk's log-probs."""
     part, positions = split_micro_batch(mb, dist.get_rank(group), dist.get_world_size(group))
     attention = ContextParallelAttention(positions, WINDOW, group)
     with torch.no_grad():
-        token_logprobs(model, part, TEMPERATURE, HEAD_CHUNK, attention=attention)
-    return attention.received
+        lp, _ = token_logprobs(model, part, TEMPERATURE, HEAD_CHUNK, attention=attention)
+    return attention.received, attention.held, lp
+
+
+def one_document_row(model):
+    """A row that is one document of 40 tokens: every chunk's full layers need all earlier ones."""
+    tokens = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    return build_micro_batch([0], [tokens], [[1] * 40], [[1] * 40], [[1.0] * 40])
 
 
 def _rank(rank: int, world: int, init: str, out: str) -> None:
@@ -114,12 +127,20 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         for g in grads.values():  # what the learner's FSDP reduction does (sum over the group)
             dist.all_reduce(g)
         result[name] = dict(
-            received=received_keys(model, mb, group),
+            received=received_keys(model, mb, group)[0],
             lp=(lp_cp.detach() - lp.detach()).abs().max().item(),
             loss=(loss - want_loss).abs().item(),
             want_loss=want_loss.item(),
             grads={k: (grads[k], want_grads[k]) for k in grads},
         )
+    model, _ = model_and_row()
+    row = one_document_row(model)
+    with torch.no_grad():
+        want, _ = token_logprobs(model, row, TEMPERATURE, HEAD_CHUNK)
+    received, held, lp = received_keys(model, row, group)
+    chunk = 40 // world
+    want = want[rank * chunk : (rank + 1) * chunk]
+    result["one_document"] = dict(received=received, held=held, lp=(lp - want).abs().max().item())
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -158,6 +179,12 @@ def test_sharded_row_gives_the_single_rank_loss_and_gradients(world, tmp_path):
         doc_start = max(s for s in starts if s <= rank * chunk)
         sliding = 3 * min(WINDOW - 1, rank * chunk - doc_start)
         assert result["gspo"]["received"] == {True: sliding, False: rank * chunk - doc_start}
+        # one document across the row: a full layer streams every earlier chunk through, holding
+        # at most two of them at once (the one attended to and the next), not all rank * chunk
+        one = result.pop("one_document")
+        assert one["received"] == {True: 3 * min(WINDOW - 1, rank * chunk), False: rank * chunk}
+        assert one["held"] == min(rank, 2) * chunk, (rank, one["held"])
+        assert one["lp"] < 1e-5, (rank, one["lp"])
         for name, r in result.items():
             what = f"{world} ranks, rank {rank}, {name}"
             assert r["lp"] < 1e-5, what
@@ -239,6 +266,37 @@ def test_learner_with_context_parallel_groups_takes_the_single_rank_step(tmp_pat
     # gradient element is near AdamW's eps (tests/test_grad_parity.py)
     for k, v in want["weights"].items():
         torch.testing.assert_close(got["weights"][k], v, atol=5e-2 * LR, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocks_merged_by_log_sum_exp_are_the_whole_attention(fused, dtype):
+    """What the ring does with its blocks, against SDPA over all keys: 7 queries over an earlier
+    block of 5 keys (unmasked) and their own 7 (causal), GQA heads (4 query, 2 key/value). The
+    outputs merged by log-sum-exp equal the whole attention, and each block's backward, given the
+    whole output and log-sum-exp, gives gradients that add up to the whole's."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 7, 8, generator=g, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, 2, 12, 8, generator=g, dtype=dtype, requires_grad=True) for _ in "kv")
+    mask = torch.ones(7, 12, dtype=torch.bool)
+    mask[:, 5:] = torch.ones(7, 7, dtype=torch.bool).tril()
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    dout = torch.randn(want.shape, generator=g, dtype=dtype)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    with torch.no_grad():
+        blocks = [(repeat_kv_heads(k[:, :, keys], 4), repeat_kv_heads(v[:, :, keys], 4), causal)
+                  for keys, causal in ((slice(0, 5), False), (slice(5, 12), True))]  # fmt: skip
+        (o1, l1), (o2, l2) = (block_attention(q, kb, vb, c, fused) for kb, vb, c in blocks)
+        lse = torch.logaddexp(l1, l2)
+        out = o1 * (l1 - lse).exp()[..., None] + o2 * (l2 - lse).exp()[..., None]
+        torch.testing.assert_close(out, want, **tol)
+        grads = [block_attention_backward(dout, q, kb, vb, out, lse, c, fused)
+                 for kb, vb, c in blocks]  # fmt: skip
+    torch.testing.assert_close(grads[0][0] + grads[1][0], want_grads[0], **tol)
+    for i in (1, 2):  # keys, values: the blocks' parts, GQA heads summed
+        got = sum_kv_heads(torch.cat([grads[0][i], grads[1][i]], dim=2), 2)
+        torch.testing.assert_close(got, want_grads[i], **tol)
 
 
 def test_the_tolerances_tell_a_window_one_key_short():
