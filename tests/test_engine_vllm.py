@@ -354,10 +354,10 @@ class TestTinyCWM:
         self, tiny_engine, monkeypatch
     ):
         """No reload call carries more than a bucket plus the largest fused layer (the update
-        is never assembled whole: at most one call per bucket, not one in all); q/k/v and gate/up of a layer always come
-        in one call; every tensor is loaded once. The stream overwrites each bucket's buffer
-        once the next is asked for, so a view kept past its bucket would load NaN: the
-        outputs are tiny(7)'s."""
+        is never assembled whole: at most one call per bucket, not one in all); q/k/v and
+        gate/up of a layer always come in one call; every tensor is loaded once. The stream
+        overwrites each bucket's buffer once the next is asked for, so a view kept past its
+        bucket would load NaN: the outputs are tiny(7)'s."""
         new = tiny(7)
         sd = hf_weights(new)
         nbytes = {k: v.numel() * v.element_size() for k, v in sd.items()}
