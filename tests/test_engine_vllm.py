@@ -82,7 +82,9 @@ def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-BUCKET = 16 * 1024  # bytes: the tiny model (~0.9 MB) streams in ~60 buckets, its embedding in 4
+# bytes: the tiny model (~0.9 MB) streams in 38 buckets, its embedding in 3; each layer's k_proj
+# arrives whole in a bucket that v_proj does not finish in (held past its bucket)
+BUCKET = 24 * 1024
 
 
 def hf_weights(model: CWM) -> dict[str, torch.Tensor]:
@@ -318,7 +320,7 @@ class TestTinyCWM:
         new = tiny(7)
         names, plan, _ = weight_stream(new)
         pieces = [p for _, ps in plan for p in ps]
-        assert sum(p[0] == "model.embed_tokens.weight" for p in pieces) >= 4
+        assert sum(p[0] == "model.embed_tokens.weight" for p in pieces) >= 3
         assert sum(p[0] == "model.layers.0.self_attn.q_proj.weight" for p in pieces) >= 2
         prompts, p = (
             [[5, 6, 7], list(range(10, 30))],
@@ -365,10 +367,16 @@ class TestTinyCWM:
         assert fused >= max(nbytes.values())  # the largest unit: gate_up (or the embedding)
         calls = spy_reloads(tiny_engine, monkeypatch)
         names, plan, buckets = weight_stream(new)
+        where: dict[str, list[int]] = {}  # name -> the buckets holding its pieces
+        for i, (_, pieces) in enumerate(plan):
+            for name, *_ in pieces:
+                where.setdefault(name, []).append(i)
+        k, v = (f"model.layers.0.self_attn.{m}_proj.weight" for m in "kv")
+        assert len(where[k]) == 1 and where[k][0] < where[v][-1]  # k kept past its bucket
         base = tiny_engine.version
         tiny_engine.load_streaming(names, buckets, base + 1)
         sizes = [sum(b for _, b in call) for call in calls]
-        assert 1 < len(calls) <= len(plan), (len(plan), len(calls))  # measured: 19 of 57
+        assert 1 < len(calls) <= len(plan), (len(plan), len(calls))
         assert max(sizes) <= BUCKET + fused < sum(nbytes.values()) // 8, sizes
         loaded = [name for call in calls for name, _ in call]
         assert sorted(loaded) == sorted(sd)
