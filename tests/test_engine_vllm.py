@@ -603,9 +603,12 @@ def needs_vllm():
     require("vllm", HAVE_VLLM, NO_VLLM)
 
 
-def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path):
+@pytest.mark.parametrize("sync", ["object_store", "collective"])
+def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path, sync):
     """Sync GRPO steps with rollout.engine=vllm: every step is on-policy, so the learner's
-    log-probs of the sampled tokens match vLLM's only if each weight update reached the engine."""
+    log-probs of the sampled tokens match vLLM's only if each weight update reached the engine.
+    `collective`: each update streams over the gloo group in buckets of 64 KiB into
+    load_streaming (rl/rollout.receive_broadcast)."""
     import json
 
     from rl_utils import TINY_RUN
@@ -614,6 +617,8 @@ def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path):
     from rl.orchestrator import Orchestrator
 
     overrides = ["rollout.engine=vllm", "model.overrides.head_dim=32", "name=vllm"]
+    if sync == "collective":
+        overrides += ["weight_sync.method=collective", "weight_sync.bucket_mb=0.0625"]
     Orchestrator(load_config(None, [*TINY_RUN, *overrides]), tmp_path / "vllm").run()
     rows = [json.loads(x) for x in (tmp_path / "vllm" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/loss" in r]
