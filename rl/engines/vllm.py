@@ -185,8 +185,8 @@ class VLLMEngine(Engine):
         bucket, one `reload_weights` call on every worker with the vLLM layers completed in it.
         Held at once: the current bucket, the tensors split over buckets (each assembled in its
         own buffer until its last piece), the finished members of a fused layer whose other
-        members have not arrived (copied out of their bucket), and the one layer vLLM rebuilds;
-        never the whole model. Every name and shape is checked, and fused groups checked whole,
+        members have not arrived (copied out of their bucket), and what vLLM takes to rebuild
+        one layer (its new tensors and, on CPU, their oneDNN packing); never the whole model. Every name and shape is checked, and fused groups checked whole,
         before anything changes; decoding waits for the whole update (the step lock is held
         from the first reload to the new version), so no token is sampled on part of it. A
         transport that fails midway leaves the weights torn: the engine then samples nothing
@@ -210,8 +210,8 @@ class VLLMEngine(Engine):
         call. A list also crosses processes: `MultiprocExecutor.collective_rpc`
         (v1/executor/multiproc_executor.py, tensor parallelism) pickles the kwargs onto a
         message queue, where a generator cannot go; `UniProcExecutor` passes them as is.
-        Each call walks all of the model's layers twice (about 1 ms per decoder layer here,
-        whatever the bucket's size), so fewer, larger buckets cost less."""
+        Each call walks all of the model's layers twice (about 1 ms per decoder layer on this
+        CPU, whatever the bucket's size), so fewer, larger buckets cost less."""
         shapes = self._checked_shapes(names_shapes)
         units = {name: self._fused_unit(name) for name in shapes}
         with self._step_lock:
