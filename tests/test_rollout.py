@@ -49,6 +49,9 @@ class Arithmetic(Engine):
     def update_weights(self, weights, version):
         raise AssertionError("not in these tests")
 
+    def load_streaming(self, names_shapes, buckets, version):
+        raise AssertionError("not in these tests")
+
 
 def worker(max_batch: int = 64, max_new_tokens: int = 16, max_turns: int = 1):
     w = RolloutWorker(

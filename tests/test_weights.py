@@ -14,11 +14,11 @@ from model.hf import split_state_dict
 from rl.weights import (
     WeightGroup,
     WeightSyncConfig,
-    assemble,
     bucket_plan,
     flatten,
     from_arrays,
     merge_buckets,
+    plan_tensors,
     recv_weights,
     recv_weights_streaming,
     resolve_backend,
@@ -205,6 +205,18 @@ def test_the_plan_covers_every_tensor_once_in_buckets_no_larger_than_asked():
     ]
 
 
+def whole_tensors(plan, pieces) -> dict[str, torch.Tensor]:
+    """A streamed update's pieces put together: each tensor in the plan's dtype and shape."""
+    dtypes = {name: dtype for dtype, ps in plan for name, *_ in ps}
+    out = {
+        name: torch.empty(shape, dtype=getattr(torch, dtypes[name]))
+        for name, shape in plan_tensors(plan)
+    }
+    for name, start, values in pieces:
+        out[name].view(-1)[start : start + values.numel()].copy_(values)
+    return out
+
+
 def test_a_streamed_update_arrives_bit_for_bit_holding_two_buffers_at_most():
     """The sender takes its tensors one at a time from an iterator; every receiver gets them
     bucket by bucket, and when it holds bucket i no buffer of bucket i-2 or older is alive (it
@@ -232,7 +244,7 @@ def test_a_streamed_update_arrives_bit_for_bit_holding_two_buffers_at_most():
             del bucket
             gc.collect()
             alive.append(sum(ref() is not None for ref in buffers))
-        return got_plan, assemble(got_plan, iter([pieces])), alive
+        return got_plan, whole_tensors(got_plan, pieces), alive
 
     results = run_group(3, lambda g: send_weights_streaming(g, plan, tensors()), receive)
     assert results[0] == sum(t.numel() * t.element_size() for t in sd.values())

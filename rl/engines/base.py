@@ -74,6 +74,21 @@ class Engine(abc.ABC):
         their KV cache, written by the old weights, is kept (as in PipelineRL and CWM), and
         `versions` records the mix."""
 
+    @abc.abstractmethod
+    def load_streaming(
+        self,
+        names_shapes: list[tuple[str, tuple[int, ...]]],
+        buckets: Iterable[Iterable[tuple[str, int, torch.Tensor]]],
+        version: int,
+    ) -> None:
+        """Load one update that arrives bucket by bucket (rl/weights.recv_weights_streaming:
+        `names_shapes` first, then buckets of pieces (name, first flat element, flat values), a
+        large tensor split over several; a bucket's views die with the next bucket), as it
+        arrives, never holding a whole copy of the model. The same guarantees as
+        update_weights: every name and shape is checked before anything changes, and no token
+        is sampled on part of the update. A stream that fails midway leaves the weights torn:
+        the engine then samples nothing until a complete update has loaded, and raises."""
+
     def pause(self) -> None:  # noqa: B027 - optional for engines without in-flight requests
         """Stop starting decode steps (in-flight requests wait, nothing is lost)."""
 

@@ -8,20 +8,24 @@ the native engine's definition. Because this class calls `step()` itself, weight
 pause() land between two decode steps while requests are in flight, and every token records the
 policy version of the step that sampled it. Weights load in place on every worker through
 `collective_rpc("reload_weights")` (vLLM's own HF-name loader plus its post-load processing), so
-tensor parallelism works unchanged.
+tensor parallelism works unchanged; a streamed update is loaded bucket by bucket, whole vLLM layers
+at a time (see `load_streaming`).
 
 vllm is imported lazily: this module imports without it. The engine core runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set), so an update passes tensors without serialising."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,31 @@ def _packed_modules(worker: Any) -> dict[str, list[str]]:
     """Runs on a vLLM worker: the model's fused layers and the checkpoint modules in each."""
     mapping = getattr(worker.get_model(), "packed_modules_mapping", None) or {}
     return {fused: list(members) for fused, members in mapping.items()}
+
+
+class _PartialReloadFilter(logging.Filter):
+    """Drops vLLM's warnings about the layers a reload did not load: this engine reloads a few
+    whole layers per call by design (every name checked beforehand), and those warnings would
+    name every other layer of the model once per bucket."""
+
+    MESSAGES = (
+        "%s: Failed to load weights",  # model_loader/reload/layerwise.py
+        "Following weights were not loaded from checkpoint: %s",  # model_loader/reload/inplace.py
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+
+def _quiet_partial_reloads(worker: Any) -> None:
+    """Runs on a vLLM worker: installs _PartialReloadFilter on the reload loggers (once)."""
+    for name in (
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.model_executor.model_loader.reload.inplace",
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PartialReloadFilter) for f in logger.filters):
+            logger.addFilter(_PartialReloadFilter())
 
 
 class VLLMEngine(Engine):
@@ -93,11 +122,14 @@ class VLLMEngine(Engine):
         self._engine = self.llm.llm_engine
         # fused layer -> the checkpoint modules it holds, e.g. qkv_proj -> [q_proj, k_proj, v_proj]
         self.packed_modules: dict[str, list[str]] = self.llm.collective_rpc(_packed_modules)[0]
+        self.llm.collective_rpc(_quiet_partial_reloads)
         self.version = version
         self._step_lock = threading.Lock()  # an engine step, or a weight update, at a time
         self._generate_lock = threading.Lock()  # one generate() drives the engine at a time
         self._running = threading.Event()
         self._running.set()
+        self._intact = threading.Event()  # cleared while a streamed update is incomplete
+        self._intact.set()
         self._seeds = torch.Generator().manual_seed(seed)  # for requests without a seed
         self._request_ids = itertools.count()
         self._reset_prefix_cache = False  # cached prefixes hold keys/values of older weights
@@ -132,33 +164,101 @@ class VLLMEngine(Engine):
     def update_weights(
         self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        items = list(weights.items() if isinstance(weights, Mapping) else weights)
-        batch = []
-        tied = bool(self.hf_config.get("tie_word_embeddings"))
-        for name, tensor in items:
-            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                continue  # a buffer, or the tied head: nothing to load
-            if name not in self.expected_shapes:
-                raise KeyError(f"update_weights: unknown parameter {name!r}")
-            if tuple(tensor.shape) != self.expected_shapes[name]:
-                raise ValueError(
-                    f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {self.expected_shapes[name]}"
-                )
-            batch.append((name, tensor.detach().to("cpu")))
-        self._check_fused_groups({name for name, _ in batch})
+        """A whole update: load_streaming's path with the update as one bucket of whole tensors
+        (loaded in one reload, since the caller holds it all anyway)."""
+        items = [
+            (name, t.detach().to("cpu"))
+            for name, t in (weights.items() if isinstance(weights, Mapping) else weights)
+        ]
+        bucket = [(name, 0, t.reshape(-1)) for name, t in items]
+        self.load_streaming([(name, tuple(t.shape)) for name, t in items], [bucket], version)
+
+    @torch.no_grad()
+    def load_streaming(
+        self,
+        names_shapes: list[tuple[str, tuple[int, ...]]],
+        buckets: Iterable[Iterable[tuple[str, int, torch.Tensor]]],
+        version: int,
+    ) -> None:
+        """One update that arrives bucket by bucket (rl/weights.recv_weights_streaming: pieces
+        of flat values, a large tensor split over buckets), loaded as it arrives: after each
+        bucket, one `reload_weights` call on every worker with the vLLM layers completed in it.
+        Held at once: the current bucket, the tensors split over buckets (each assembled in its
+        own buffer until its last piece), the finished members of a fused layer whose other
+        members have not arrived (copied out of their bucket), and what vLLM takes to rebuild
+        one layer (its new tensors and, on CPU, their oneDNN packing); never the whole model. Every name and shape is checked, and fused groups checked whole,
+        before anything changes; decoding waits for the whole update (the step lock is held
+        from the first reload to the new version), so no token is sampled on part of it. A
+        transport that fails midway leaves the weights torn: the engine then samples nothing
+        (requests wait) until a complete update arrives, and the error is raised.
+
+        Why whole layers, one call per bucket, and a list per call (vLLM 0.32's source):
+        `Worker.reload_weights` (v1/worker/gpu_worker.py; the CPU worker and model runner
+        inherit it) calls `reload_weights` in model_executor/model_loader/reload/inplace.py,
+        which with `is_checkpoint_format` runs `initialize_layerwise_reload` (reload/
+        layerwise.py: every layer's tensors to the meta device, its weight loaders wrapped),
+        `model.load_weights(weights_iterator)` and `finalize_layerwise_reload`. A layer is
+        rebuilt and post-processed (`_layerwise_process`: materialised, loaded,
+        `process_weights_after_loading`, e.g. the CPU backend's oneDNN repacking in
+        `dispatch_cpu_unquantized_gemm`, model_executor/layers/utils.py) once all its elements
+        have come; at finalize, a layer that got nothing in this call gets its old tensors
+        back (`_place_kernel_tensors`), but one that got part of its elements is processed
+        with the rest uninitialised. So a call must carry whole layers: q/k/v and gate/up
+        together. Nothing there closes the reload if the iterator raises (no try/finally
+        around `load_weights`): an iterator reading the transport would leave the model on
+        the meta device when the transport fails, so each call gets a list, filled before the
+        call. A list also crosses processes: `MultiprocExecutor.collective_rpc`
+        (v1/executor/multiproc_executor.py, tensor parallelism) pickles the kwargs onto a
+        message queue, where a generator cannot go; `UniProcExecutor` passes them as is.
+        Each call walks all of the model's layers twice (about 1 ms per decoder layer on this
+        CPU, whatever the bucket's size), so fewer, larger buckets cost less."""
+        shapes = self._checked_shapes(names_shapes)
+        units = {name: self._fused_unit(name) for name in shapes}
         with self._step_lock:
-            if batch:
-                # vLLM's in-place reload: restores each layer's checkpoint-format parameters,
-                # loads them with the model's own HF-name loader and re-runs the post-load
-                # processing (the CPU backend repacks linear weights), on every worker
-                self.llm.collective_rpc(
-                    "reload_weights",
-                    kwargs={"weights_iterator": batch, "is_checkpoint_format": True},
-                )
+            self._intact.clear()
+            for tensors in _completed_units(shapes, units, buckets):
+                if tensors:
+                    self.llm.collective_rpc(
+                        "reload_weights",
+                        kwargs={"weights_iterator": tensors, "is_checkpoint_format": True},
+                    )
             self.version = version
+            self._intact.set()
             self._reset_prefix_cache = True
             self._try_reset_prefix_cache()
+
+    def _checked_shapes(
+        self, names_shapes: Iterable[tuple[str, tuple[int, ...]]]
+    ) -> dict[str, tuple[int, ...]]:
+        """The tensors an update loads (name -> shape), every one checked against the model;
+        rotary inv_freq (a buffer) and a tied lm_head (the embedding) are left out."""
+        tied = bool(self.hf_config.get("tie_word_embeddings"))
+        out: dict[str, tuple[int, ...]] = {}
+        for name, shape in names_shapes:
+            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                continue
+            if name not in self.expected_shapes:
+                raise KeyError(f"update_weights: unknown parameter {name!r}")
+            if tuple(shape) != self.expected_shapes[name]:
+                raise ValueError(
+                    f"update_weights: {name!r} has shape {tuple(shape)}, "
+                    f"expected {self.expected_shapes[name]}"
+                )
+            if name in out:
+                raise ValueError(f"update_weights: {name!r} appears twice")
+            out[name] = tuple(shape)
+        self._check_fused_groups(set(out))
+        return out
+
+    def _fused_unit(self, name: str) -> str:
+        """The vLLM layer a checkpoint tensor loads into: its fused layer for q/k/v and
+        gate/up (...self_attn.qkv_proj), else its own module (...self_attn.o_proj)."""
+        prefix = name.rpartition(".")[0]
+        parent, _, module = prefix.rpartition(".")
+        for fused, members in self.packed_modules.items():
+            if module in members:
+                return f"{parent}.{fused}"
+        return prefix
 
     def _check_fused_groups(self, names: set[str]) -> None:
         """vLLM fuses some checkpoint tensors into one layer (q/k/v, gate/up) and a reload
@@ -228,7 +328,10 @@ class VLLMEngine(Engine):
         try:
             while pending:
                 self._running.wait()
+                self._intact.wait()  # a failed streamed update left the weights torn
                 with self._step_lock:
+                    if not self._intact.is_set():
+                        continue
                     outputs = self._engine.step()
                     version = self.version
                     self.decode_steps += 1
@@ -299,6 +402,58 @@ class VLLMEngine(Engine):
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
             self._owned_dir = None
+
+
+def _completed_units(
+    shapes: dict[str, tuple[int, ...]],
+    units: dict[str, str],
+    buckets: Iterable[Iterable[tuple[str, int, torch.Tensor]]],
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Per bucket, the whole tensors of the units (vLLM layers) it completed, (name, tensor) in
+    arrival order; a tensor loaded whole from one bucket is a view of it, valid until the next
+    bucket is asked for. A tensor split over buckets is assembled in a buffer of its own; a
+    finished tensor whose unit still waits for others is copied out of its bucket. `shapes`:
+    the tensors to load (pieces of other tensors, e.g. rotary inv_freq, are passed over);
+    `units`: each one's unit. Pieces arrive in order, as rl/weights.bucket_plan lays them out;
+    a stream that does not, or that ends before every tensor is whole, is an error."""
+    waiting_for = collections.Counter(units.values())  # unit -> its tensors not yet whole
+    filled = dict.fromkeys(shapes, 0)
+    assembling: dict[str, torch.Tensor] = {}
+    held: dict[str, list[tuple[str, torch.Tensor, bool]]] = {}  # unit -> (name, tensor, is view)
+    for bucket in buckets:
+        ready: list[tuple[str, torch.Tensor]] = []
+        for name, start, values in bucket:
+            if name not in shapes:
+                continue
+            total, n = math.prod(shapes[name]), values.numel()
+            if start != filled[name] or start + n > total:
+                raise RuntimeError(
+                    f"weight stream: {name!r} elements [{start}, {start + n}) arrived after "
+                    f"{filled[name]} of {total}"
+                )
+            filled[name] += n
+            if n == total:
+                tensor, view = values.view(shapes[name]), True
+            else:
+                if name not in assembling:
+                    assembling[name] = torch.empty(total, dtype=values.dtype, device=values.device)
+                assembling[name][start : start + n].copy_(values)
+                if filled[name] < total:
+                    continue
+                tensor, view = assembling.pop(name).view(shapes[name]), False
+            unit = units[name]
+            held.setdefault(unit, []).append((name, tensor, view))
+            waiting_for[unit] -= 1
+            if waiting_for[unit] == 0:
+                ready += [(name, tensor) for name, tensor, _ in held.pop(unit)]
+        for unit, tensors in held.items():  # this bucket's views die with it: keep copies
+            held[unit] = [(name, t.clone() if view else t, False) for name, t, view in tensors]
+        yield ready
+    missing = [name for name, n in filled.items() if n < math.prod(shapes[name])]
+    if missing:
+        raise RuntimeError(
+            f"weight stream ended with {len(missing)} tensor(s) incomplete, e.g. {missing[0]!r}"
+        )
 
 
 def _check_head_dim(hf_config: dict) -> None:
