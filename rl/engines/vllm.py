@@ -186,11 +186,12 @@ class VLLMEngine(Engine):
         Held at once: the current bucket, the tensors split over buckets (each assembled in its
         own buffer until its last piece), the finished members of a fused layer whose other
         members have not arrived (copied out of their bucket), and what vLLM takes to rebuild
-        one layer (its new tensors and, on CPU, their oneDNN packing); never the whole model. Every name and shape is checked, and fused groups checked whole,
-        before anything changes; decoding waits for the whole update (the step lock is held
-        from the first reload to the new version), so no token is sampled on part of it. A
-        transport that fails midway leaves the weights torn: the engine then samples nothing
-        (requests wait) until a complete update arrives, and the error is raised.
+        one layer (its new tensors and, on CPU, their oneDNN packing); never the whole model.
+        Every name and shape is checked, and fused groups checked whole, before anything
+        changes; decoding waits for the whole update (the step lock is held from the first
+        reload to the new version), so no token is sampled on part of it. A transport that
+        fails midway leaves the weights torn: the engine then samples nothing (requests wait)
+        until a complete update arrives, and the error is raised.
 
         Why whole layers, one call per bucket, and a list per call (vLLM 0.32's source):
         `Worker.reload_weights` (v1/worker/gpu_worker.py; the CPU worker and model runner
