@@ -605,12 +605,13 @@ def needs_vllm():
     require("vllm", HAVE_VLLM, NO_VLLM)
 
 
-@pytest.mark.parametrize("sync", ["object_store", "collective"])
-def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path, sync):
+def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path):
     """Sync GRPO steps with rollout.engine=vllm: every step is on-policy, so the learner's
     log-probs of the sampled tokens match vLLM's only if each weight update reached the engine.
-    `collective`: each update streams over the gloo group in buckets of 64 KiB into
-    load_streaming (rl/rollout.receive_broadcast)."""
+    Each update streams over the collective transport's gloo group in buckets of 64 KiB into
+    load_streaming (rl/rollout.receive_broadcast). The object store's transport ends in the same
+    load_streaming with one bucket (update_weights, tested above); its worker side does not
+    depend on the engine (tests/test_loop.py, on the native engine)."""
     import json
 
     from rl_utils import TINY_RUN
@@ -618,9 +619,10 @@ def test_the_rl_loop_runs_on_the_vllm_engine(needs_vllm, ray_local, tmp_path, sy
     from rl.config import load_config
     from rl.orchestrator import Orchestrator
 
-    overrides = ["rollout.engine=vllm", "model.overrides.head_dim=32", "name=vllm"]
-    if sync == "collective":
-        overrides += ["weight_sync.method=collective", "weight_sync.bucket_mb=0.0625"]
+    overrides = [
+        "rollout.engine=vllm", "model.overrides.head_dim=32", "name=vllm",
+        "weight_sync.method=collective", "weight_sync.bucket_mb=0.0625",
+    ]  # fmt: skip
     Orchestrator(load_config(None, [*TINY_RUN, *overrides]), tmp_path / "vllm").run()
     rows = [json.loads(x) for x in (tmp_path / "vllm" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/loss" in r]

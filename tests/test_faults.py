@@ -39,13 +39,28 @@ def wait_for(condition, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+KILLED_WORKER_RUN = [*TINY_RUN, "steps=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tmp_path_factory) -> list[dict]:
+    """The training rows of the run the killed-worker runs must equal (both transports train
+    exactly alike: tests/test_loop.py), run once for both."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    Orchestrator(load_config(None, KILLED_WORKER_RUN), run_dir).run()
+    return train_rows(run_dir)
+
+
 @pytest.mark.parametrize("method", ["object_store", "collective"])
-def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_local, tmp_path, method):
+def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(
+    ray_local, tmp_path, method, uninterrupted
+):
     """With collective weight sync the dead worker is also found before the next broadcast and
     the group forms again with its replacement."""
-    args = [*TINY_RUN, "steps=4", f"weight_sync.method={method}"]
-    straight = Orchestrator(load_config(None, args), tmp_path / "straight")
-    straight.run()
+    # a worker killed around a broadcast can leave the learner's gloo send waiting for the
+    # group's timeout before the failure is seen (measured here: the whole 120 s default; see the
+    # closing note of this change): 20 s keeps the test short, the recovery is the same
+    args = [*KILLED_WORKER_RUN, f"weight_sync.method={method}", "weight_sync.timeout_s=20"]
     orch = Orchestrator(load_config(None, args), tmp_path / "crash")
     thread, box = run_in_thread(orch)
     wait_for(lambda: orch.step >= 2)  # then kill the worker while it generates step 3's groups
@@ -56,7 +71,7 @@ def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(ray_local, tmp_pa
     last = rows(tmp_path / "crash")[-2]  # the last step row (the final eval row follows)
     assert last["faults/worker_restarts"] >= 1
     # groups rerun with the same seeds and weights: the run is the uninterrupted one
-    assert train_rows(tmp_path / "crash") == train_rows(tmp_path / "straight")
+    assert train_rows(tmp_path / "crash") == uninterrupted
 
 
 def test_killed_worker_in_async_mode_with_two_learner_ranks(ray_local, tmp_path):
@@ -137,7 +152,8 @@ def test_kill_9_of_the_driver_then_resume_loses_no_prompt(tmp_path, mode):
         assert proc.returncode == 0, err.decode()[-3000:]
 
     straight = tmp_path / "straight"
-    finish(launch(*args, f"--run-dir={straight}"))
+    if mode == "sync":  # the uninterrupted run to compare with (async's timing differs anyway)
+        finish(launch(*args, f"--run-dir={straight}"))
     killed = tmp_path / "killed"
     proc = launch(*args, f"--run-dir={killed}")
     pointer = killed / "checkpoints" / "latest"
