@@ -339,11 +339,12 @@ class Ring:
         r, ops, buf = self.rank, [], None
         if self.needs(r + 1, r + 1 - s):
             cut = self.start(r + 1, r + 1 - s) - self.start(r, r + 1 - s)
-            ops.append(dist.P2POp(dist.isend, held[..., cut:, :].contiguous(), self._peer(r + 1)))
+            part = held[..., cut:, :].contiguous()
+            ops.append(dist.P2POp(dist.isend, part, self._peer(r + 1), self.group))
         if self.needs(r, r - s):
             length = self.C - self.start(r, r - s)
             buf = held.new_empty((*held.shape[:-2], length, held.shape[-1]))
-            ops.append(dist.P2POp(dist.irecv, buf, self._peer(r - 1)))
+            ops.append(dist.P2POp(dist.irecv, buf, self._peer(r - 1), self.group))
         return (dist.batch_isend_irecv(ops) if ops else []), buf
 
     def return_grads(self, s: int, grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -351,11 +352,11 @@ class Ring:
         padded to this rank's chunk at its offset) what rank r+s computed for this chunk's keys."""
         r, ops, got = self.rank, [], None
         if grad is not None:
-            ops.append(dist.P2POp(dist.isend, grad.contiguous(), self._peer(r - s)))
+            ops.append(dist.P2POp(dist.isend, grad.contiguous(), self._peer(r - s), self.group))
         if self.needs(r + s, r):
             shape = (*like.shape[:-2], self.C - self.start(r + s, r), like.shape[-1])
             got = like.new_empty(shape, dtype=torch.promote_types(like.dtype, torch.float32))
-            ops.append(dist.P2POp(dist.irecv, got, self._peer(r + s)))
+            ops.append(dist.P2POp(dist.irecv, got, self._peer(r + s), self.group))
         _wait(ops)
         return got
 

@@ -251,33 +251,34 @@ class VLLMEngine(Engine):
         self._check_fused_groups(set(out))
         return out
 
-    def _fused_unit(self, name: str) -> str:
-        """The vLLM layer a checkpoint tensor loads into: its fused layer for q/k/v and
-        gate/up (...self_attn.qkv_proj), else its own module (...self_attn.o_proj)."""
-        prefix = name.rpartition(".")[0]
+    def _fused_group(self, name: str) -> tuple[str, set[str]] | None:
+        """For a checkpoint tensor vLLM fuses with others (q/k/v, gate/up): the fused layer it
+        loads into (...self_attn.qkv_proj) and the names of its group's tensors; else None."""
+        prefix, _, rest = name.rpartition(".")  # ...self_attn.q_proj . weight
         parent, _, module = prefix.rpartition(".")
         for fused, members in self.packed_modules.items():
             if module in members:
-                return f"{parent}.{fused}"
-        return prefix
+                return f"{parent}.{fused}", {f"{parent}.{m}.{rest}" for m in members}
+        return None
+
+    def _fused_unit(self, name: str) -> str:
+        """The vLLM layer a checkpoint tensor loads into: its fused layer for q/k/v and
+        gate/up, else its own module (...self_attn.o_proj)."""
+        group = self._fused_group(name)
+        return group[0] if group else name.rpartition(".")[0]
 
     def _check_fused_groups(self, names: set[str]) -> None:
         """vLLM fuses some checkpoint tensors into one layer (q/k/v, gate/up) and a reload
         rebuilds a whole layer: a partial group would leave the rest of the layer uninitialised,
         so the members of a group come together or not at all."""
-        for fused, members in self.packed_modules.items():
-            for name in names:
-                prefix, _, rest = name.rpartition(".")  # ...self_attn.q_proj . weight
-                parent, _, module = prefix.rpartition(".")
-                if module not in members:
-                    continue
-                group = {f"{parent}.{m}.{rest}" for m in members}
-                missing = sorted(group - names)
-                if missing:
-                    raise ValueError(
-                        f"update_weights: {name!r} without {missing}: vLLM loads them into one "
-                        f"fused layer ({fused}); send the whole group in one update"
-                    )
+        for name in names:
+            group = self._fused_group(name)
+            missing = sorted(group[1] - names) if group else []
+            if missing:
+                raise ValueError(
+                    f"update_weights: {name!r} without {missing}: vLLM loads them into one "
+                    f"fused layer ({group[0]}); send the whole group in one update"
+                )
 
     def _try_reset_prefix_cache(self) -> None:
         """Drop cached prefixes computed by older weights; vLLM refuses while requests hold blocks,
